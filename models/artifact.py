@@ -1,0 +1,222 @@
+"""THE artifact: a directory with `config.json` + `model.safetensors`, the only thing serving reads.
+
+`config.json` uses timm's layout (`architecture`, `num_classes`, `label_names`, `pretrained_cfg`, `model_args`), so
+`timm.create_model("local-dir:DIR", pretrained=True)` loads a timm-architecture artifact as it is; pupil's own keys
+sit beside timm's at the top level:
+
+  format            "pupil-artifact/1"
+  temperature       softmax temperature fitted on the validation split (1.0 = uncalibrated)
+  threshold         confidence under which predictions abstain (null = never)
+  metrics           the validation summary (accuracy, macro_f1, ...)
+  weights_sha256    hash of model.safetensors, checked on every load
+  pupil_version, created_at, data_fingerprint, pretrained_source
+
+Loading never unpickles: weights are safetensors, the rest is JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .factory import ModelSpec, build_from_spec
+
+FORMAT = "pupil-artifact/1"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """A missing, incomplete or tampered artifact; the message names the file."""
+
+
+@dataclass
+class Artifact:
+    model: nn.Module
+    spec: ModelSpec
+    labels: list[str]
+    temperature: float = 1.0
+    threshold: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # pupil_version, created_at, weights_sha256, ...
+    path: Path | None = None
+
+    @property
+    def version(self) -> str:
+        """A short content version: the first 12 hex digits of the weights' hash."""
+        return str(self.info.get("weights_sha256", ""))[:12]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pupil_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pupil")
+    except Exception:
+        return "0+unknown"
+
+
+def save_artifact(
+    directory: str | Path,
+    model: nn.Module,
+    spec: ModelSpec,
+    labels: list[str],
+    *,
+    temperature: float = 1.0,
+    threshold: float | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the artifact atomically: into a temporary sibling directory, then renamed over `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if len(labels) != spec.num_classes:
+        raise ValueError(f"{len(labels)} labels for a model with {spec.num_classes} classes")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = {
+            "architecture": spec.architecture,
+            "num_classes": spec.num_classes,
+            "num_features": int(getattr(model, "num_features", 0)),
+            "label_names": list(labels),
+            "pretrained_cfg": {
+                "input_size": [3, spec.input_size, spec.input_size],
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "interpolation": spec.interpolation,
+                "crop_pct": spec.crop_pct,
+                "crop_mode": "center",
+                "num_classes": spec.num_classes,
+            },
+            "model_args": spec.model_args,
+            "format": FORMAT,
+            "temperature": float(temperature),
+            "threshold": threshold,
+            "metrics": metrics or {},
+            "pretrained_source": spec.pretrained_source,
+            "pupil_version": pupil_version(),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+            **(extra or {}),
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+        tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    cfg_path = directory / CONFIG
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory not found: {directory}")
+    if not cfg_path.is_file():
+        raise ArtifactError(f"artifact is missing {cfg_path}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{cfg_path} is not valid JSON ({e})") from None
+    need = ("architecture", "num_classes", "label_names", "pretrained_cfg")
+    missing = [k for k in need if k not in cfg]
+    if missing:
+        raise ArtifactError(f"{cfg_path} lacks {', '.join(missing)}")
+    if len(cfg["label_names"]) != cfg["num_classes"]:
+        raise ArtifactError(f"{cfg_path}: {len(cfg['label_names'])} label_names for num_classes={cfg['num_classes']}")
+    return cfg
+
+
+def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
+    p = cfg["pretrained_cfg"]
+    return ModelSpec(
+        architecture=cfg["architecture"],
+        num_classes=int(cfg["num_classes"]),
+        input_size=int(p["input_size"][-1]),
+        mean=tuple(p["mean"]),
+        std=tuple(p["std"]),
+        interpolation=p.get("interpolation", "bicubic"),
+        crop_pct=float(p.get("crop_pct", 0.875)),
+        model_args=dict(cfg.get("model_args") or {}),
+        pretrained_source=cfg.get("pretrained_source", ""),
+    )
+
+
+def load_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
+    """Load an artifact (never unpickling). Raises ArtifactError naming the file at fault."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"artifact is missing {weights}")
+    if verify and cfg.get("weights_sha256") and sha256_file(weights) != cfg["weights_sha256"]:
+        raise ArtifactError(f"{weights} does not match the weights_sha256 in {directory / CONFIG}: changed or truncated")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{weights} is not a readable safetensors file ({e})") from None
+    spec = spec_from_config(cfg)
+    model = build_from_spec(spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ArtifactError(f"{weights} does not fit {spec.architecture} with {spec.num_classes} classes: {first}") from None
+    model.eval()
+    info = {k: cfg.get(k) for k in ("format", "pupil_version", "created_at", "weights_sha256", "data_fingerprint")}
+    return Artifact(
+        model=model,
+        spec=spec,
+        labels=list(cfg["label_names"]),
+        temperature=float(cfg.get("temperature") or 1.0),
+        threshold=cfg.get("threshold"),
+        metrics=dict(cfg.get("metrics") or {}),
+        info=info,
+        path=directory,
+    )
+
+
+def set_calibration(directory: str | Path, **updates: Any) -> None:
+    """Update pupil's keys in config.json (e.g. temperature) without touching the weights; atomic replace."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    cfg.update(updates)
+    tmp = directory / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, directory / CONFIG)
+
+

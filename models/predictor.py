@@ -1,0 +1,117 @@
+"""Predictor: the one inference path (decode -> EXIF transpose -> RGB -> resize -> centre crop -> normalise ->
+forward -> temperature-scaled softmax -> top-k). `pupil predict`, `pupil evaluate` and the service all use it, so
+there is no train/serve skew: training's validation images go through the same `load_square` geometry.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .artifact import Artifact, load_artifact
+from .factory import ModelSpec
+from .images import DEFAULT_MAX_PIXELS, load_square
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu for "auto"; otherwise exactly what was asked (failing clearly if absent)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resize_size(spec: ModelSpec) -> int:
+    """The shorter side before the centre crop (timm's eval transform: floor(input_size / crop_pct))."""
+    return int(math.floor(spec.input_size / spec.crop_pct))
+
+
+def center(a: np.ndarray | torch.Tensor, size: int):
+    """Centre crop of an ...xHxWxC array (the last three dims)."""
+    h, w = a.shape[-3], a.shape[-2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return a[..., top:top + size, left:left + size, :]
+
+
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW (channels_last memory), normalised; runs on whatever device `batch` is on."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s).contiguous(memory_format=torch.channels_last)
+
+
+class Predictor:
+    def __init__(
+        self,
+        artifact: Artifact | str | Path,
+        *,
+        device: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        self.spec = self.artifact.spec
+        self.labels = self.artifact.labels
+        self.device = pick_device(device)
+        self.max_pixels = max_pixels
+        self.model = self.artifact.model.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    @property
+    def temperature(self) -> float:
+        return self.artifact.temperature
+
+    def load(self, src: bytes | str | Path) -> np.ndarray:
+        """Decode and crop one image to the model's input: uint8 HxWx3. Raises models.images.ImageError."""
+        square = load_square(src, resize_size(self.spec), interpolation=self.spec.interpolation, max_pixels=self.max_pixels)
+        return np.ascontiguousarray(center(square, self.spec.input_size))
+
+    @torch.inference_mode()
+    def logits(self, arrays: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw logits for a uint8 NxHxWx3 batch already at the input size."""
+        batch = torch.as_tensor(arrays).to(self.device, non_blocking=True)
+        x = normalize(batch, self.spec.mean, self.spec.std)
+        return self.model(x).float().cpu()
+
+    def probabilities(self, arrays: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Calibrated class probabilities (softmax of logits / temperature)."""
+        return torch.softmax(self.logits(arrays) / self.temperature, dim=-1).numpy()
+
+    def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
+        k = max(1, min(int(k), len(self.labels)))
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [{"label": self.labels[i], "score": float(probs[i])} for i in order]
+
+    def answer(self, probs: np.ndarray, k: int = 5, threshold: float | None = None) -> dict[str, Any]:
+        """The JSON-ready answer for one image: sorted calibrated top-k, and whether the model abstains."""
+        threshold = self.artifact.threshold if threshold is None else threshold
+        preds = self.top_k(probs, k)
+        out: dict[str, Any] = {"predictions": preds}
+        if threshold is not None:
+            out["abstained"] = bool(preds[0]["score"] < threshold)
+        return out
+
+    def predict(self, sources: Sequence[bytes | str | Path], top_k: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+        """Predict many images; a bad one gets {"error": problem, "detail": ...} in its place."""
+        from .images import ImageError
+
+        results: list[dict[str, Any] | None] = [None] * len(sources)
+        good: list[tuple[int, np.ndarray]] = []
+        for i, src in enumerate(sources):
+            try:
+                good.append((i, self.load(src)))
+            except ImageError as e:
+                results[i] = {"error": e.problem, "detail": e.detail}
+        for start in range(0, len(good), batch_size):
+            chunk = good[start:start + batch_size]
+            probs = self.probabilities(np.stack([a for _, a in chunk]))
+            for (i, _), p in zip(chunk, probs):
+                results[i] = self.answer(p, top_k)
+        return results  # type: ignore[return-value]

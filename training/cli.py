@@ -1,0 +1,254 @@
+"""`pupil`: the command line. Each sub-command is a small function; `train`'s flags are generated from TrainConfig.
+
+Training never imports BentoML: `serve` and `build` start BentoML's own command in a subprocess, after importing the
+artifact into the model store through `service.store` (run in that subprocess's interpreter too).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+# Make glibc keep freed activations instead of returning them to the kernel on every pass (measured 1.4-3.4x on
+# CPU inference here; DESIGN.md). Must be in the environment before the allocator starts: re-exec once if absent.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+
+
+def _ensure_allocator_env() -> None:
+    if os.environ.get("PUPIL_NO_REEXEC") or all(os.environ.get(k) for k in ALLOCATOR_ENV):
+        return
+    env = {**os.environ, **ALLOCATOR_ENV, "PUPIL_NO_REEXEC": "1"}
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "training", *sys.argv[1:]], env)
+    except OSError:
+        pass  # run without it rather than not at all
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    helps = {
+        "model": "timm architecture name, or small_cnn for the from-scratch baseline",
+        "pretrained": "auto (bundled weights when a package ships them, else the hub) | none | hub | PATH to .safetensors/.pth",
+        "img_size": "input size in pixels (0: the model's default)",
+        "lr": "peak learning rate (0: 1e-3 pretrained, backbone at lr/10; 3e-3 from scratch)",
+        "out": "run directory (default runs/<model>-<time>)",
+        "cache_dir": "decode cache (default $PUPIL_CACHE or ~/.cache/pupil)",
+        "limit_per_class": "use at most N training images per class (0: all), for quick trials",
+        "val_split": "fraction held out for validation when DATA is not already split into train/ and val/",
+        "device": "auto | cpu | cuda | mps",
+        "patience": "early stopping after N epochs without a better validation score (0: off)",
+        "width": "small_cnn only: channels of the first stage",
+    }
+    for f in fields(cls):
+        if f.name == "data":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=None, help=f"{helps.get(f.name, '')} (default: {default})".strip())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .fit import DataError, TrainConfig, fit
+
+    base = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    updates = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+               if f.name != "data" and getattr(args, f.name, None) is not None}
+    cfg = TrainConfig(**{**base.__dict__, **updates, "data": args.data or base.data})
+    if not cfg.data:
+        print("pupil train: give a DATA folder (or a --config that names one)", file=sys.stderr)
+        return 2
+    try:
+        result = fit(cfg)
+    except (DataError, FileNotFoundError) as e:
+        print(f"pupil train: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"run": str(result.run_dir), "artifact": str(result.artifact_dir),
+                      "val_accuracy": result.metrics["val"].get("accuracy")}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from models.predictor import Predictor
+
+    from .data import _hidden, _walk_files
+
+    pred = Predictor(_artifact_dir(args.artifact), device=args.device)
+    paths: list[Path] = []
+    for item in args.images:
+        p = Path(item)
+        paths.extend(sorted(_walk_files(p)) if p.is_dir() else [p])
+    paths = [p for p in paths if not _hidden(p.name)]
+    status = 0
+    for start in range(0, len(paths), 32):
+        chunk = paths[start:start + 32]
+        for p, res in zip(chunk, pred.predict(chunk, top_k=args.top_k)):
+            if "error" in res:
+                status = 1
+            print(json.dumps({"image": str(p), **res}), flush=True)
+    return status
+
+
+def _artifact_dir(target: str) -> Path:
+    p = Path(target)
+    return p / "model" if (p / "model" / "config.json").is_file() else p
+
+
+def _bentoml_env(tag: str) -> dict[str, str]:
+    return {**os.environ, **ALLOCATOR_ENV, "PUPIL_MODEL_TAG": tag, "PUPIL_NO_REEXEC": "1"}
+
+
+def import_to_store(target: str) -> str:
+    """Import an artifact into BentoML's store (in a subprocess: training never imports BentoML); return the tag."""
+    import subprocess
+
+    code = "import sys; from service.store import resolve; print(resolve(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise RuntimeError(f"cannot import {target} into the BentoML model store: {last}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        tag = import_to_store(args.artifact)
+    except RuntimeError as e:
+        print(f"pupil serve: {e}", file=sys.stderr)
+        return 2
+    print(f"pupil serve: model {tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
+           "--host", args.host, "--port", str(args.port)]
+    os.execve(sys.executable, cmd, _bentoml_env(tag))
+    return 0  # not reached
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import subprocess
+
+    try:
+        tag = import_to_store(args.artifact)
+    except RuntimeError as e:
+        print(f"pupil build: {e}", file=sys.stderr)
+        return 2
+    root = Path(__file__).resolve().parent.parent
+    # bentofile.yaml plus the model pinned: `models:` packs it, PUPIL_MODEL_TAG makes the container load it
+    code = (
+        "import sys, tempfile, yaml, bentoml\n"
+        "cfg = yaml.safe_load(open(sys.argv[1]))\n"
+        "cfg.setdefault('envs', []).append({'name': 'PUPIL_MODEL_TAG', 'value': sys.argv[2]})\n"
+        "cfg['models'] = [sys.argv[2]]\n"
+        "with tempfile.NamedTemporaryFile('w', suffix='.yaml') as f:\n"
+        "    yaml.safe_dump(cfg, f); f.flush()\n"
+        "    print(bentoml.bentos.build_bentofile(f.name, build_ctx=sys.argv[3]).tag)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(root / "bentofile.yaml"), tag, str(root)],
+                       env=_bentoml_env(tag), text=True, capture_output=True)
+    if r.returncode != 0:
+        print(r.stderr, file=sys.stderr)
+        print("pupil build: bentoml build failed", file=sys.stderr)
+        return 1
+    bento = r.stdout.strip().splitlines()[-1]
+    print(json.dumps({"bento": bento, "model": tag}))
+    print(f"serve it: bentoml serve {bento}   |   container: bentoml containerize {bento}", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .data import scan, split_manifest, trainability
+
+    try:
+        m = split_manifest(scan(args.data, max_pixels=args.max_pixels), 0.2, 0)
+    except FileNotFoundError as e:
+        print(f"pupil check: {e}", file=sys.stderr)
+        return 2
+    reason = trainability(m)
+    counts = m.counts()
+    report = {
+        "root": m.root,
+        "classes": counts,
+        "presplit": m.presplit,
+        "usable": sum(counts.values()),
+        "problems": [{"path": f.path, "class": f.label, "problem": f.problem, "detail": f.detail} for f in m.problems()],
+        "trainable": reason is None,
+        "reason": reason,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{m.root}: {len(counts)} classes, {report['usable']} usable images, {len(report['problems'])} problems")
+        width = max((len(c) for c in counts), default=5)
+        for c, n in counts.items():
+            print(f"  {c:<{width}}  {n:>6}")
+        for p in report["problems"]:
+            print(f"  ! {p['path']}: {p['problem']} ({p['detail']})")
+        print("trainable" if reason is None else f"not trainable: {reason}")
+    return 0 if reason is None else 2
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .fit import TrainConfig
+
+    p = argparse.ArgumentParser(prog="pupil", description="Fine-tune an ImageNet CNN on a folder of images, "
+                                "report honestly, serve it with BentoML.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check", help="scan a data folder: classes, counts, problem files; exit 2 if not trainable")
+    c.add_argument("data")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--max-pixels", type=int, default=50_000_000)
+    c.set_defaults(func=cmd_check)
+
+    t = sub.add_parser("train", help="fine-tune (or train small_cnn from scratch) and write runs/NAME")
+    t.add_argument("data", nargs="?", help="folder with one sub-folder of images per class (or train/ val/ splits)")
+    t.add_argument("--config", help="a config.yaml (e.g. from an earlier run); flags override it")
+    _add_config_flags(t, TrainConfig)
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="classify images (files or folders); one JSON object per line")
+    pr.add_argument("artifact", help="an artifact directory (runs/NAME/model) or a run directory")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="import the artifact into BentoML's model store and serve it over HTTP")
+    s.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
+    s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--host", default="0.0.0.0")
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("build", help="bentoml build of the service with this model (a Bento, ready to containerize)")
+    b.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
+    b.set_defaults(func=cmd_build)
+
+    d = sub.add_parser("demo", help="the whole path on real solar-cell images: check, train, serve, one request")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--per-class", type=int, default=240, help="training images per class (speed on a CPU)")
+    d.add_argument("--img-size", type=int, default=160)
+    d.add_argument("--port", type=int, default=0, help="0: a free port")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _ensure_allocator_env()
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

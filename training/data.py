@@ -1,0 +1,405 @@
+"""Data: scan a folder into a Manifest, split it, decode every usable image once into a uint8 cache, and serve
+augmented batches from that cache.
+
+    photos/<class>/*.jpg --scan--> Manifest --split--> train / val (/ test) --decode once--> DecodeCache (memmap)
+                                                                                   --> batches (augmented on device)
+
+A bad file never stops anything: it gets a `problem` in the manifest (or when its decode fails while the cache is
+built) and is left out, counted and listed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.images import DEFAULT_MAX_PIXELS, ImageError, load_square, probe_image
+
+SPLITS = ("train", "val", "test")
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "icon\r"}
+SKIP_DIRS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
+
+
+@dataclass
+class FileRecord:
+    path: str  # relative to the data root, POSIX separators
+    label: str
+    size: int = 0
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    split: str = ""  # "train" | "val" | "test" | "" (not used)
+    problem: str | None = None
+    detail: str | None = None
+
+
+@dataclass
+class Manifest:
+    root: str
+    classes: list[str]
+    files: list[FileRecord]
+    presplit: bool = False
+
+    def usable(self, split: str | None = None) -> list[FileRecord]:
+        return [f for f in self.files if f.problem is None and (split is None or f.split == split)]
+
+    def problems(self) -> list[FileRecord]:
+        return [f for f in self.files if f.problem is not None]
+
+    def counts(self, split: str | None = None) -> dict[str, int]:
+        c = Counter(f.label for f in self.usable(split))
+        return {k: c.get(k, 0) for k in self.classes}
+
+    def fingerprint(self) -> str:
+        """A content hash of the usable data and its split (same files, labels and split => same fingerprint)."""
+        h = hashlib.sha256()
+        for f in sorted(self.usable(), key=lambda f: f.path):
+            h.update(f"{f.path}\0{f.label}\0{f.split}\0{f.sha256}\n".encode())
+        return h.hexdigest()[:16]
+
+    def save_split(self, path: Path) -> None:
+        out: dict = {s: [f.path for f in self.usable(s)] for s in SPLITS}
+        out = {k: v for k, v in out.items() if v}
+        out["classes"] = self.classes
+        out["skipped"] = [{"path": f.path, "problem": f.problem, "detail": f.detail} for f in self.problems()]
+        path.write_text(json.dumps(out, indent=1) + "\n")
+
+    def to_json(self) -> dict:
+        return {"root": self.root, "classes": self.classes, "presplit": self.presplit,
+                "files": [asdict(f) for f in self.files]}
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FILES or name in SKIP_DIRS
+
+
+def _walk_files(top: Path) -> Iterator[Path]:
+    """Every regular file under `top`, following symlinks but never entering a directory twice (no loops)."""
+    seen: set[tuple[int, int]] = set()
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if _hidden(e.name):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=True):
+                    yield Path(e.path)
+                elif e.is_symlink():  # a dangling link: still a file the user put there
+                    yield Path(e.path)
+            except OSError:
+                yield Path(e.path)
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    try:
+        return sorted(p for p in root.iterdir() if not _hidden(p.name) and p.is_dir())
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read the data folder {root}: {e.strerror or e}") from None
+
+
+def _record(root: Path, path: Path, label: str, max_pixels: int) -> FileRecord:
+    rec = FileRecord(path=path.relative_to(root).as_posix(), label=label)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        rec.problem, rec.detail = "unreadable", f"cannot read the file: {e.strerror or e}"
+        return rec
+    rec.size = len(data)
+    rec.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        info = probe_image(data)
+        rec.width, rec.height, rec.format = info.width, info.height, info.format
+        if max_pixels and info.width * info.height > max_pixels:
+            raise ImageError("too_many_pixels", f"{info.width}x{info.height} is over the {max_pixels / 1e6:g} MP limit")
+    except ImageError as e:
+        rec.problem, rec.detail = e.problem, e.detail
+    return rec
+
+
+def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:
+    """Build the manifest of `root`: class-per-folder, or already split into train/ val/ (test/)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    top = _class_dirs(root)
+    names = {p.name for p in top}
+    presplit = {"train", "val"} <= names or {"train", "valid"} <= names
+    files: list[FileRecord] = []
+    if presplit:
+        aliases = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+        for d in top:
+            split = aliases.get(d.name)
+            if split is None:
+                continue
+            for cdir in _class_dirs(d):
+                for p in _walk_files(cdir):
+                    rec = _record(root, p, cdir.name, max_pixels)
+                    rec.split = split
+                    files.append(rec)
+        classes = sorted({f.label for f in files} | {c.name for d in top if d.name in aliases for c in _class_dirs(d)})
+    else:
+        classes = [d.name for d in top]
+        for d in top:
+            for p in _walk_files(d):
+                files.append(_record(root, p, d.name, max_pixels))
+    _mark_duplicates(files)
+    return Manifest(root=str(root), classes=classes, files=files, presplit=presplit)
+
+
+def _mark_duplicates(files: list[FileRecord]) -> None:
+    """Same bytes in two classes: label noise, all copies left out. Same bytes twice in one class: keep the first."""
+    by_hash: dict[str, list[FileRecord]] = defaultdict(list)
+    for f in files:
+        if f.problem is None:
+            by_hash[f.sha256].append(f)
+    for copies in by_hash.values():
+        if len(copies) < 2:
+            continue
+        labels = sorted({c.label for c in copies})
+        if len(labels) > 1:
+            for c in copies:
+                others = [o.path for o in copies if o is not c]
+                c.problem, c.detail = "duplicate_in_other_class", f"same content as {', '.join(others)} (classes {labels})"
+        else:
+            for c in copies[1:]:
+                c.problem, c.detail = "duplicate", f"same content as {copies[0].path}"
+
+
+def split_manifest(m: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Manifest:
+    """Stratified, seeded split of a class-per-folder manifest (a pre-split one is left as it is).
+
+    Every class with at least two usable images gets at least one validation image. Exact duplicates were already
+    reduced to one copy, so no image can straddle the split.
+    """
+    if m.presplit:
+        return m
+    rng = random.Random(seed)
+    by_class: dict[str, list[FileRecord]] = defaultdict(list)
+    for f in m.usable():
+        by_class[f.label].append(f)
+    for label in m.classes:
+        group = sorted(by_class[label], key=lambda f: f.sha256)  # order independent of the filesystem
+        rng.shuffle(group)
+        n_val = int(round(len(group) * val_fraction))
+        if len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        else:
+            n_val = 0
+        for i, f in enumerate(group):
+            f.split = "val" if i < n_val else "train"
+    return m
+
+
+def trainability(m: Manifest) -> str | None:
+    """None if the manifest can be trained on; otherwise a one-line reason."""
+    usable = m.counts()
+    if not m.files:
+        return f"no files found under {m.root}: expected one sub-folder of images per class"
+    if len(m.classes) < 2:
+        return f"found {len(m.classes)} class folder(s) under {m.root}; need at least 2"
+    if sum(usable.values()) == 0:
+        return "no decodable image in any class"
+    empty = [c for c, n in usable.items() if n == 0]
+    if empty:
+        return f"class {empty[0]!r} has no usable image"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PUPIL_CACHE", Path.home() / ".cache" / "pupil"))
+
+
+def _decode_one(args: tuple[str, int, str, int]) -> tuple[np.ndarray | None, str | None, str | None]:
+    path, size, interpolation, max_pixels = args
+    try:
+        return load_square(path, size, interpolation=interpolation, max_pixels=max_pixels), None, None
+    except ImageError as e:
+        return None, e.problem, e.detail
+    except Exception as e:  # a decoder bug must not stop training either
+        return None, "corrupt", f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class DecodeCache:
+    """uint8 images (N x S x S x 3) at the training resolution in one memory-mapped file, keyed by content.
+
+    The key is the hash of the files' contents plus the size and interpolation, so a second run on the same data, and
+    every epoch after the first, decodes nothing. `decoded` counts the decodes this object did (0 on a cache hit).
+    """
+
+    images: np.ndarray
+    index: dict[str, int]  # sha256 -> row
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # sha256 -> (problem, detail)
+    decoded: int = 0
+    path: Path | None = None
+
+    @classmethod
+    def build(
+        cls,
+        root: str | Path,
+        records: Sequence[FileRecord],
+        size: int,
+        *,
+        interpolation: str = "bicubic",
+        cache_dir: Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> "DecodeCache":
+        root = Path(root)
+        uniq: dict[str, FileRecord] = {}
+        for r in records:
+            uniq.setdefault(r.sha256, r)
+        hashes = sorted(uniq)
+        key = hashlib.sha256(("\n".join(hashes) + f"\n{size}\n{interpolation}\nv1").encode()).hexdigest()[:24]
+        cache_dir = Path(cache_dir or default_cache_dir()) / "decoded"
+        base = cache_dir / f"{key}-{size}px"
+        meta_path, data_path = base.with_suffix(".json"), base.with_suffix(".u8")
+        if meta_path.is_file() and data_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(meta["n"], size, size, 3))
+                failed = {k: tuple(v) for k, v in meta["failed"].items()}
+                return cls(images, {k: int(v) for k, v in meta["index"].items()}, failed, 0, data_path)
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged cache is rebuilt, never trusted
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [(str(root / uniq[h].path), size, interpolation, max_pixels) for h in hashes]
+        results = _map(jobs, workers, progress)
+        index: dict[str, int] = {}
+        failed: dict[str, tuple[str, str]] = {}
+        arrays = []
+        for h, (arr, problem, detail) in zip(hashes, results):
+            if arr is None:
+                failed[h] = (problem or "corrupt", detail or "")
+            else:
+                index[h] = len(arrays)
+                arrays.append(arr)
+        n = len(arrays)
+        tmp_data = data_path.with_name(data_path.name + f".{os.getpid()}.tmp")
+        mm = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3))
+        for i, a in enumerate(arrays):
+            mm[i] = a
+        mm.flush()
+        del mm
+        os.replace(tmp_data, data_path)
+        tmp_meta = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
+        tmp_meta.write_text(json.dumps({"n": max(n, 1), "index": index, "failed": failed, "size": size}))
+        os.replace(tmp_meta, meta_path)
+        images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(max(n, 1), size, size, 3))
+        return cls(images, index, failed, len(jobs), data_path)
+
+
+def _map(jobs: list, workers: int | None, progress: bool) -> list:
+    from tqdm import tqdm
+
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    bar = dict(total=len(jobs), desc="decode (once)", unit="img", disable=not progress, leave=False)
+    if workers <= 1 or len(jobs) < 16:
+        return [_decode_one(j) for j in tqdm(jobs, **bar)]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    with ctx.Pool(workers) as pool:
+        return list(tqdm(pool.imap(_decode_one, jobs, chunksize=8), **bar))
+
+
+def apply_cache_failures(records: Sequence[FileRecord], cache: DecodeCache) -> None:
+    """Files that failed to decode become problems in the manifest (and are thereby excluded)."""
+    for r in records:
+        if r.problem is None and r.sha256 in cache.failed:
+            r.problem, r.detail = cache.failed[r.sha256]
+
+
+# ---------------------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class ImageSet:
+    """Rows of the cache and their labels, for one split."""
+
+    cache: DecodeCache
+    rows: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def from_records(cls, cache: DecodeCache, records: Sequence[FileRecord], classes: list[str]) -> "ImageSet":
+        cid = {c: i for i, c in enumerate(classes)}
+        keep = [r for r in records if r.problem is None and r.sha256 in cache.index]
+        return cls(cache, np.array([cache.index[r.sha256] for r in keep], dtype=np.int64),
+                   np.array([cid[r.label] for r in keep], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[idx]
+        order = np.argsort(rows)  # sorted reads are sequential on the memmap
+        x = np.empty((len(rows),) + self.cache.images.shape[1:], dtype=np.uint8)
+        x[order] = self.cache.images[rows[order]]
+        return torch.from_numpy(x), torch.from_numpy(self.labels[idx])
+
+
+def iterate(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+            drop_last: bool = False, weights: torch.Tensor | None = None) -> Iterator[np.ndarray]:
+    if weights is not None:
+        order = torch.multinomial(weights, n, replacement=True, generator=generator).numpy()
+    elif shuffle:
+        order = torch.randperm(n, generator=generator).numpy()
+    else:
+        order = np.arange(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for s in range(0, stop, batch_size):
+        yield order[s:s + batch_size]
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor, out_size: int, *, scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip for a whole float NCHW batch at once (one affine grid_sample)."""
+    n = x.shape[0]
+    g = generator
+    area = torch.empty(n).uniform_(*scale, generator=g)
+    logr = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=g)
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).clamp(max=1.0)
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=g) < hflip, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    theta = theta.to(x.device, x.dtype)
+    grid = F.affine_grid(theta, [n, x.shape[1], out_size, out_size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
