@@ -37,6 +37,7 @@ PROBLEM_STATUS = {
     "truncated": 400,
     "too_many_pixels": 413,
     "unsupported_format": 415,
+    "unreadable": 400,  # a file we may not read (permissions), in a folder scan
 }
 
 
@@ -59,7 +60,6 @@ _UNSUPPORTED_SIGNATURES = (
     (b"ftypheic", "HEIC"),
     (b"ftypheix", "HEIC"),
     (b"ftypmif1", "HEIF"),
-    (b"ftypavif", "AVIF"),
     (b"%PDF", "PDF"),
 )
 
@@ -100,14 +100,18 @@ def _open(src: bytes | str | Path) -> Image.Image:
             with open(path, "rb") as f:
                 head = f.read(512)
         except OSError as e:
-            raise ImageError("corrupt", f"cannot read {path.name}: {e.strerror or e}") from None
+            raise ImageError("unreadable", f"cannot read {path.name}: {e.strerror or e}") from None
         if size == 0:
             raise ImageError("empty", "the file has zero bytes")
         fp = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return Image.open(fp)
+            im = Image.open(fp)
+        if im.format in _NEEDS_EXTERNAL:
+            im.close()
+            raise ImageError("unsupported_format", f"{im.format} is not supported ({_NEEDS_EXTERNAL[im.format]})")
+        return im
     except UnidentifiedImageError:
         fmt = sniff_unsupported(head)
         if fmt:
@@ -115,8 +119,14 @@ def _open(src: bytes | str | Path) -> Image.Image:
         raise ImageError("not_an_image", "the content is not an image format we can read") from None
     except Image.DecompressionBombError as e:  # only if someone re-enabled Pillow's guard
         raise ImageError("too_many_pixels", str(e)) from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        if "truncat" in str(e).lower():
+            raise ImageError("truncated", f"the file ends inside its header ({e})") from None
         raise ImageError("corrupt", f"cannot parse the header: {e}") from None
+
+
+# Formats Pillow identifies but cannot decode without tools we do not ship (Ghostscript, Windows GDI).
+_NEEDS_EXTERNAL = {"EPS": "EPS needs Ghostscript", "WMF": "WMF/EMF vector images", "MPEG": "video"}
 
 
 def probe_image(src: bytes | str | Path) -> ImageInfo:
@@ -158,7 +168,7 @@ def decode_image(
                 im.load()
         except OSError as e:
             msg = str(e)
-            if "truncated" in msg or "premature end" in msg.lower() or "broken data stream" in msg:
+            if "truncat" in msg.lower() or "premature end" in msg.lower():
                 raise ImageError("truncated", f"the file ends early ({msg})") from None
             raise ImageError("corrupt", msg) from None
         except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:

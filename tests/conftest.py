@@ -28,7 +28,8 @@ def make_shapes_folder(root: Path, classes=("red", "blue"), n: int = 24, size=(4
             d = ImageDraw.Draw(im)
             w, h = size
             x, y = rng.randint(0, w // 2), rng.randint(0, h // 2)
-            col = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in COLOURS[c])
+            base = COLOURS.get(c) or random.Random(c).choice(list(COLOURS.values()) + [(230, 200, 30), (150, 40, 200)])
+            col = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in base)
             d.ellipse([x, y, x + w // 2, y + h // 2], fill=col)
             im.save(root / c / f"{c}_{i:03d}.png")
     return root
@@ -56,7 +57,7 @@ def trained_run(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("trained")
     data = make_shapes_folder(base / "data", n=30)
-    result = fit(TrainConfig(data=str(data), model="small_cnn", width=8, img_size=32, epochs=6, batch_size=16,
+    result = fit(TrainConfig(data=str(data), model="small_cnn", width=8, img_size=32, epochs=8, batch_size=8,
                              out=str(base / "run"), progress=False, workers=1))
     return result.run_dir
 

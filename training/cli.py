@@ -40,6 +40,15 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         "device": "auto | cpu | cuda | mps",
         "patience": "early stopping after N epochs without a better validation score (0: off)",
         "width": "small_cnn only: channels of the first stage",
+        "stages": "probe (head only, on cached features) | finetune | both",
+        "probe_epochs": "full-batch steps of the linear probe",
+        "balance": "auto (on when the largest class is over 3x the smallest) | loss | sampler | none",
+        "amp": "auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16",
+        "compile": "torch.compile the model (pays on GPU)",
+        "freeze_bn": "pretrained models: keep BatchNorm running statistics fixed while fine-tuning",
+        "resume": "continue the run in --out from its last.pt (same settings, same result)",
+        "batch_size": "images per step per process",
+        "workers": "processes decoding images into the cache",
     }
     for f in fields(cls):
         if f.name == "data":
@@ -56,7 +65,10 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .fit import DataError, TrainConfig, fit
 
-    base = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    config_file = args.config
+    if not config_file and args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        config_file = str(Path(args.out) / "config.yaml")  # resume with the run's own settings
+    base = TrainConfig.from_file(config_file) if config_file else TrainConfig()
     updates = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                if f.name != "data" and getattr(args, f.name, None) is not None}
     cfg = TrainConfig(**{**base.__dict__, **updates, "data": args.data or base.data})
@@ -65,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     try:
         result = fit(cfg)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:
         print(f"pupil train: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"run": str(result.run_dir), "artifact": str(result.artifact_dir),
@@ -160,10 +172,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .data import scan, split_manifest, trainability
+    from .data import scan, split_manifest, trainability, warnings_for
 
     try:
-        m = split_manifest(scan(args.data, max_pixels=args.max_pixels), 0.2, 0)
+        m = split_manifest(scan(args.data, max_pixels=args.max_pixels, verify=True), 0.2, 0)
     except FileNotFoundError as e:
         print(f"pupil check: {e}", file=sys.stderr)
         return 2
@@ -175,6 +187,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "presplit": m.presplit,
         "usable": sum(counts.values()),
         "problems": [{"path": f.path, "class": f.label, "problem": f.problem, "detail": f.detail} for f in m.problems()],
+        "warnings": warnings_for(m),
         "trainable": reason is None,
         "reason": reason,
     }
@@ -187,6 +200,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {c:<{width}}  {n:>6}")
         for p in report["problems"]:
             print(f"  ! {p['path']}: {p['problem']} ({p['detail']})")
+        for w in report["warnings"]:
+            print(f"  warning: {w}")
         print("trainable" if reason is None else f"not trainable: {reason}")
     return 0 if reason is None else 2
 

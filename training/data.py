@@ -84,8 +84,10 @@ def _hidden(name: str) -> bool:
 
 
 def _walk_files(top: Path) -> Iterator[Path]:
-    """Every regular file under `top`, following symlinks but never entering a directory twice (no loops)."""
+    """Every regular file under `top`, following symlinks but never entering a directory twice, nor one that
+    contains `top` (a link back up to the data root would otherwise pull other classes in)."""
     seen: set[tuple[int, int]] = set()
+    top_real = top.resolve()
     stack = [top]
     while stack:
         d = stack.pop()
@@ -105,6 +107,8 @@ def _walk_files(top: Path) -> Iterator[Path]:
                 continue
             try:
                 if e.is_dir(follow_symlinks=True):
+                    if e.is_symlink() and top_real.is_relative_to(Path(e.path).resolve()):
+                        continue
                     stack.append(Path(e.path))
                 elif e.is_file(follow_symlinks=True):
                     yield Path(e.path)
@@ -140,8 +144,14 @@ def _record(root: Path, path: Path, label: str, max_pixels: int) -> FileRecord:
     return rec
 
 
-def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:
-    """Build the manifest of `root`: class-per-folder, or already split into train/ val/ (test/)."""
+def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = False,
+         workers: int | None = None) -> Manifest:
+    """Build the manifest of `root`: class-per-folder, or already split into train/ val/ (test/).
+
+    Reading the header finds most problems; `verify=True` also decodes every image (at a reduced JPEG scale) to find
+    truncated and corrupt pixel data, as `pupil check` does. Training does not need it: its decode cache finds them
+    while decoding each image the one time it is decoded.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
@@ -167,18 +177,28 @@ def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:
             for p in _walk_files(d):
                 files.append(_record(root, p, d.name, max_pixels))
     _mark_duplicates(files)
+    if verify:
+        todo = [f for f in files if f.problem is None]
+        results = _map([(str(root / f.path), 64, "bilinear", max_pixels) for f in todo], workers, progress=False,
+                       fn=_verify_one)
+        for f, (problem, detail) in zip(todo, results):
+            if problem:
+                f.problem, f.detail = problem, detail
     return Manifest(root=str(root), classes=classes, files=files, presplit=presplit)
 
 
 def _mark_duplicates(files: list[FileRecord]) -> None:
-    """Same bytes in two classes: label noise, all copies left out. Same bytes twice in one class: keep the first."""
+    """Same bytes in two classes: label noise, all copies left out. Same bytes twice in one class: keep one, the
+    training copy when a pre-split folder has it in two splits (so nothing leaks from train into val or test)."""
     by_hash: dict[str, list[FileRecord]] = defaultdict(list)
     for f in files:
         if f.problem is None:
             by_hash[f.sha256].append(f)
+    rank = {"train": 0, "val": 1, "test": 2, "": 3}
     for copies in by_hash.values():
         if len(copies) < 2:
             continue
+        copies.sort(key=lambda c: (rank.get(c.split, 3), c.path))
         labels = sorted({c.label for c in copies})
         if len(labels) > 1:
             for c in copies:
@@ -186,7 +206,8 @@ def _mark_duplicates(files: list[FileRecord]) -> None:
                 c.problem, c.detail = "duplicate_in_other_class", f"same content as {', '.join(others)} (classes {labels})"
         else:
             for c in copies[1:]:
-                c.problem, c.detail = "duplicate", f"same content as {copies[0].path}"
+                leak = " (the same image in two splits: leakage)" if c.split != copies[0].split else ""
+                c.problem, c.detail = "duplicate", f"same content as {copies[0].path}{leak}"
 
 
 def split_manifest(m: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Manifest:
@@ -227,6 +248,26 @@ def trainability(m: Manifest) -> str | None:
     if empty:
         return f"class {empty[0]!r} has no usable image"
     return None
+
+
+def warnings_for(m: Manifest) -> list[str]:
+    """What a user should know before training: imbalance, tiny classes, label noise, leakage."""
+    out = []
+    counts = {c: n for c, n in m.counts().items() if n > 0}
+    if counts and max(counts.values()) > 3 * min(counts.values()):
+        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        out.append(f"imbalance: {big!r} has {counts[big]} images, {small!r} {counts[small]} "
+                   f"({counts[big] / counts[small]:.1f}x); training will balance the loss (--balance)")
+    tiny = [c for c, n in counts.items() if n < 10]
+    if tiny:
+        out.append(f"tiny classes (under 10 images): {', '.join(tiny)}; expect noisy validation numbers")
+    noisy = [f for f in m.files if f.problem == "duplicate_in_other_class"]
+    if noisy:
+        out.append(f"label noise: {len(noisy)} files have an identical copy in another class; all copies are left out")
+    leaks = [f for f in m.files if f.problem == "duplicate" and "leakage" in (f.detail or "")]
+    if leaks:
+        out.append(f"leakage: {len(leaks)} images appear in two splits; only the training copy is kept")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- cache
@@ -317,18 +358,24 @@ class DecodeCache:
         return cls(images, index, failed, len(jobs), data_path)
 
 
-def _map(jobs: list, workers: int | None, progress: bool) -> list:
+def _verify_one(args: tuple[str, int, str, int]) -> tuple[str | None, str | None]:
+    _, problem, detail = _decode_one(args)
+    return problem, detail
+
+
+def _map(jobs: list, workers: int | None, progress: bool, fn=_decode_one) -> list:
+    """fn over jobs, in order, on `workers` processes (the decode is CPU-bound and holds the GIL in places)."""
     from tqdm import tqdm
 
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     bar = dict(total=len(jobs), desc="decode (once)", unit="img", disable=not progress, leave=False)
     if workers <= 1 or len(jobs) < 16:
-        return [_decode_one(j) for j in tqdm(jobs, **bar)]
+        return [fn(j) for j in tqdm(jobs, **bar)]
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
     with ctx.Pool(workers) as pool:
-        return list(tqdm(pool.imap(_decode_one, jobs, chunksize=8), **bar))
+        return list(tqdm(pool.imap(fn, jobs, chunksize=8), **bar))
 
 
 def apply_cache_failures(records: Sequence[FileRecord], cache: DecodeCache) -> None:

@@ -1,10 +1,16 @@
-"""The fit: scan -> split -> decode once -> train -> pick the best epoch -> calibrate -> write the run.
+"""The fit: scan -> split -> decode once -> linear probe -> fine-tune -> pick the best epoch -> calibrate -> write.
 
     runs/NAME/
       model/          the artifact (config.json + model.safetensors): what `pupil serve` reads
-      metrics.json    validation metrics, history per epoch, skipped files, timing
+      metrics.json    validation metrics, history per epoch, skipped files, timing, reproducibility record
       split.json      the file lists of each split, and what was skipped and why
       config.yaml     the resolved TrainConfig: `pupil train --config runs/NAME/config.yaml` repeats the run
+      last.pt         the fine-tune's state after the last finished epoch (`--resume` continues from it)
+      tb/             TensorBoard events (loss, accuracy, learning rate, images/s)
+
+Two stages (LP-FT: Kumar et al., 2022): the probe trains only the new head on backbone features computed once
+(seconds); the fine-tune then starts from a head that already fits, so the pretrained features are not wrecked by
+the gradients of a random head in the first steps.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import copy
 import json
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -51,21 +58,28 @@ class TrainConfig:
     data: str = ""
     model: str = "efficientnet_lite0"  # any timm name, or small_cnn (the from-scratch baseline)
     pretrained: str = "auto"  # auto | none | hub | PATH
+    stages: str = "both"  # probe | finetune | both (small_cnn and --pretrained none: finetune only)
     epochs: int = 10
+    probe_epochs: int = 100  # full-batch steps of the linear probe on cached features
     img_size: int = 0  # 0: the model's default (224 for efficientnet_lite0, 128 for small_cnn)
-    batch_size: int = 32
+    batch_size: int = 32  # per process (under torchrun the global batch is this times the number of processes)
     lr: float = 0.0  # 0: 1e-3 for a pretrained model (backbone at lr/10), 3e-3 from scratch
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
-    patience: int = 5  # early stopping: epochs without a better validation score
+    patience: int = 5  # early stopping: epochs without a better validation score (0 = off)
+    balance: str = "auto"  # auto | loss | sampler | none: class-weighted loss or sampling for imbalanced data
+    amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU where it measured faster)
+    freeze_bn: bool = True  # pretrained models: keep BatchNorm statistics fixed while fine-tuning (small batches)
+    compile: bool = False  # torch.compile the model (pays on GPU; on a small CPU it compiled slowly, no faster)
     val_split: float = 0.2
     seed: int = 0
     device: str = "auto"
     out: str = ""  # run directory; default runs/<model>-<time>
+    resume: bool = False  # continue from out/last.pt
     cache_dir: str = ""  # decode cache; default $PUPIL_CACHE or ~/.cache/pupil
     max_pixels: int = 50_000_000
-    limit_per_class: int = 0  # use at most this many images per class (0 = all): quick trials
+    limit_per_class: int = 0  # use at most this many training images per class (0 = all): quick trials
     width: int = 32  # small_cnn only: channels of its first stage
     workers: int = 2  # processes decoding images for the cache (first run only)
     progress: bool = True
@@ -75,8 +89,16 @@ class TrainConfig:
         if not c.out:
             c.out = str(Path("runs") / f"{c.model}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not c.lr:
-            c.lr = 3e-3 if (c.model == "small_cnn" or c.pretrained == "none") else 1e-3
+            c.lr = 3e-3 if self.from_scratch else 1e-3
+        if self.from_scratch:
+            c.stages = "finetune"
+        if c.stages not in ("probe", "finetune", "both"):
+            raise ValueError(f"--stages must be probe, finetune or both, not {c.stages!r}")
         return c
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.model == "small_cnn" or self.pretrained == "none"
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -99,11 +121,71 @@ class RunResult:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+
+@dataclass
+class Dist:
+    """Where this process stands under torchrun (world 1 without it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return Dist(), device
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+
+def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. On CPU, auto means fp32: bf16 autocast measured slower for
+    efficientnet_lite0 and mobilenetv3 training here (faster for resnet18: ask for it with --amp bf16)."""
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if mode != "auto":
+        raise ValueError(f"--amp must be auto, off, bf16 or fp16, not {mode!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
 
 
 def _limit(m: Manifest, per_class: int, seed: int) -> None:
-    """Keep at most `per_class` usable images per class and split (a seeded choice), for quick trials."""
+    """Keep at most `per_class` usable images per class in train (a quarter of that in val), a seeded choice."""
     if per_class <= 0:
         return
     rng = np.random.default_rng(seed)
@@ -127,10 +209,33 @@ def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretra
             continue
         groups.setdefault((id(p) in head_ids, p.ndim <= 1), []).append(p)
     out = []
-    for (is_head, no_decay), params in groups.items():
+    for (is_head, no_decay), params in sorted(groups.items()):
         glr = lr if (is_head or not pretrained) else lr / 10
         out.append({"params": params, "lr": glr, "initial_lr": glr, "weight_decay": 0.0 if no_decay else weight_decay})
     return out
+
+
+def _balance(mode: str, labels: np.ndarray, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """(class weights for the loss, per-sample weights for the sampler, the selection metric).
+
+    auto switches to a class-weighted loss when the largest class is over 3x the smallest; then the best epoch is
+    chosen by macro-F1, since accuracy rewards ignoring the small classes."""
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    present = counts[counts > 0]
+    imbalanced = len(present) > 1 and present.max() > 3 * present.min()
+    if mode == "auto":
+        mode = "loss" if imbalanced else "none"
+        if imbalanced:
+            log(f"imbalance {present.max() / present.min():.1f}x: class-weighted loss, best epoch by macro-F1 "
+                "(--balance none to switch off)")
+    if mode == "none":
+        return None, None, "accuracy"
+    inv = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 0.0)
+    if mode == "loss":
+        return torch.tensor(inv, dtype=torch.float32), None, "macro_f1"
+    if mode == "sampler":
+        return None, torch.tensor(inv[labels], dtype=torch.float64), "macro_f1"
+    raise ValueError(f"--balance must be auto, loss, sampler or none, not {mode!r}")
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -144,59 +249,173 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 
 @torch.inference_mode()
-def predict_logits(model, data: ImageSet, spec, device, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the centre crop (exactly the Predictor's geometry) for every image of a split."""
+def predict_logits(model, data: ImageSet, spec, device, batch_size: int = 64, amp: torch.dtype | None = None,
+                   pre_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (or pooled features) of the centre crop, exactly the Predictor's geometry, for every image of a set."""
     model.eval()
     outs, ys = [], []
     for idx in iterate(len(data), batch_size, shuffle=False):
         x, y = data.batch(idx)
-        x = center(x, spec.input_size).to(device, non_blocking=True)
-        outs.append(model(normalize(x, spec.mean, spec.std)).float().cpu())
+        x = normalize(center(x, spec.input_size).to(device, non_blocking=True), spec.mean, spec.std)
+        with autocast(device, amp):
+            out = model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
+        outs.append(out.float().cpu())
         ys.append(y)
     if not outs:
-        return torch.zeros(0, spec.num_classes), torch.zeros(0, dtype=torch.long)
+        width = getattr(model, "num_features", 0) if pre_logits else spec.num_classes
+        return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
     return torch.cat(outs), torch.cat(ys)
 
 
-def train_one_epoch(model, data: ImageSet, spec, opt, sched, device, cfg: TrainConfig, gen: torch.Generator,
-                    epoch: int) -> dict[str, float]:
-    model.train()
-    seen, loss_sum, correct = 0, 0.0, 0
+def _val_row(model, val: ImageSet, spec, device, classes, amp) -> dict[str, float]:
+    logits, y = predict_logits(model, val, spec, device, amp=amp)
+    m = classification_metrics(torch.softmax(logits, -1).numpy(), y.numpy(), classes)
+    return {"val_loss": float(F.cross_entropy(logits, y)), "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}
+
+
+# ------------------------------------------------------------------------------------------------ stage 1: probe
+
+
+def linear_probe(model, train: ImageSet, val: ImageSet, spec, device, cfg: TrainConfig, classes: list[str],
+                 class_weights: torch.Tensor | None, amp) -> dict[str, Any]:
+    """Train only the head, on backbone features computed once (centre crops and their mirror images).
+
+    The backbone never sees a gradient and its weights are untouched; the best head by validation loss is kept."""
     t0 = time.perf_counter()
-    steps = math.ceil(len(data) / cfg.batch_size)
-    bar = tqdm(iterate(len(data), cfg.batch_size, shuffle=True, generator=gen, drop_last=len(data) > cfg.batch_size),
-               total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not cfg.progress,
-               file=sys.stderr)
-    for idx in bar:
-        x, y = data.batch(idx)
-        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = random_resized_crop_flip(x, spec.input_size, generator=gen)
-        x = normalize(x.permute(0, 2, 3, 1).clamp_(0, 255), spec.mean, spec.std)
-        y = y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    feats, ys = predict_logits(model, train, spec, device, amp=amp, pre_logits=True)
+    flipped = ImageSet(train.cache, train.rows, train.labels)
+    flipped_feats = _features_of_flipped(model, flipped, spec, device, amp)
+    x_train, y_train = torch.cat([feats, flipped_feats]), torch.cat([ys, ys])
+    x_val, y_val = predict_logits(model, val, spec, device, amp=amp, pre_logits=True) if len(val) else (None, None)
+    t_feat = time.perf_counter() - t0
+
+    head = copy.deepcopy(model.get_classifier()).float().cpu()
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
+    w = class_weights.cpu() if class_weights is not None else None
+    best = (math.inf, copy.deepcopy(head.state_dict()), 0)
+    for step in range(cfg.probe_epochs):
+        loss = F.cross_entropy(head(x_train), y_train, weight=w, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
+        if x_val is not None:
+            with torch.no_grad():
+                vloss = float(F.cross_entropy(head(x_val), y_val))
+            if vloss < best[0]:
+                best = (vloss, copy.deepcopy(head.state_dict()), step + 1)
+    if x_val is None:
+        best = (float("nan"), head.state_dict(), cfg.probe_epochs)
+    model.get_classifier().load_state_dict(best[1])
+    out = {"feature_seconds": t_feat, "head_seconds": time.perf_counter() - t0 - t_feat, "best_step": best[2],
+           "train_images": len(train)}
+    if len(val):
+        out.update(_val_row(model, val, spec, device, classes, amp))
+        log(f"probe: features of {len(train)} images in {t_feat:.1f}s, head trained in {out['head_seconds']:.2f}s; "
+            f"val loss {out['val_loss']:.4f}  val acc {out['val_acc']:.3f}")
+    return out
+
+
+@torch.inference_mode()
+def _features_of_flipped(model, data: ImageSet, spec, device, amp) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for idx in iterate(len(data), 64, shuffle=False):
+        x, _ = data.batch(idx)
+        x = normalize(center(x, spec.input_size).flip(2).to(device), spec.mean, spec.std)
+        with autocast(device, amp):
+            outs.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+# ------------------------------------------------------------------------------------------------ stage 2: fine-tune
+
+
+def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg: TrainConfig, order_gen, aug_gen,
+                    epoch: int, dist: Dist, amp, class_weights=None, sample_weights=None) -> dict[str, float]:
+    model.train()
+    if cfg.freeze_bn and not cfg.from_scratch:
+        # Batch statistics of 32 images are noisy, and the probe's head was fitted to features normalised with the
+        # running statistics: keep those (the affine weights still learn). Measured on ELPV: see BENCHMARKS.md.
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    seen, loss_sum, correct = 0, 0.0, 0
+    t0 = time.perf_counter()
+    global_batch = cfg.batch_size * dist.world
+    batches = list(iterate(len(data), global_batch, shuffle=True, generator=order_gen,
+                           drop_last=len(data) >= global_batch, weights=sample_weights))
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+               disable=not (cfg.progress and dist.main), file=sys.stderr)
+    for idx in bar:
+        idx = idx[dist.rank::dist.world]
+        x, y = data.batch(idx)
+        pin = device.type == "cuda"
+        x = (x.pin_memory() if pin else x).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = random_resized_crop_flip(x, spec.input_size, generator=aug_gen)
+        x = normalize(x.permute(0, 2, 3, 1).clamp_(0, 255), spec.mean, spec.std)
+        y = (y.pin_memory() if pin else y).to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         n = len(y)
         seen += n
         loss_sum += float(loss.detach()) * n
         correct += int((logits.argmax(1) == y).sum())
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                        img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
     dt = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "images_per_s": seen / dt if dt else 0.0}
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "images_per_s": seen * dist.world / dt if dt else 0.0}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: write a temporary file, fsync, rename. A crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _reproducibility(cfg: TrainConfig, device: torch.device, dist: Dist, amp) -> dict[str, Any]:
+    import PIL
+    import timm
+
+    return {
+        "seed": cfg.seed,
+        "deterministic_on_cpu": device.type == "cpu",
+        "device": str(device),
+        "processes": dist.world,
+        "amp": str(amp).replace("torch.", "") if amp else "fp32",
+        "threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                     "pillow": PIL.__version__, "numpy": np.__version__},
+    }
 
 
 def fit(cfg: TrainConfig) -> RunResult:
     cfg = cfg.resolved()
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    device = pick_device(cfg.device)
-    log(f"device: {device} (fp32)")
+    dist, device = setup_distributed(pick_device(cfg.device))
+    amp = amp_dtype(device, cfg.amp)
+    log(f"device: {device} ({str(amp).replace('torch.', '') if amp else 'fp32'})"
+        + (f", {dist.world} processes (DDP)" if dist.world > 1 else ""))
 
     manifest = split_manifest(scan(cfg.data, max_pixels=cfg.max_pixels), cfg.val_split, cfg.seed)
     reason = trainability(manifest)
@@ -211,11 +430,17 @@ def fit(cfg: TrainConfig) -> RunResult:
     model = model.to(device).to(memory_format=torch.channels_last)
 
     used = [f for f in manifest.usable() if f.split in ("train", "val")]
-    cache = DecodeCache.build(cfg.data, used, resize_size(spec), interpolation=spec.interpolation,
-                              cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, max_pixels=cfg.max_pixels,
-                              workers=cfg.workers, progress=cfg.progress)
+    cache = None
+    for turn in (0, 1):  # rank 0 decodes; the others wait, then open the same cache (a hit)
+        if (turn == 0) == dist.main:
+            cache = DecodeCache.build(cfg.data, used, resize_size(spec), interpolation=spec.interpolation,
+                                      cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                      max_pixels=cfg.max_pixels, workers=cfg.workers, progress=cfg.progress)
+        dist.barrier()
+    assert cache is not None
     apply_cache_failures(manifest.files, cache)
-    log(f"decode cache: {'hit, nothing decoded' if cache.decoded == 0 else f'{cache.decoded} images decoded once'} ({cache.path})")
+    log(f"decode cache: {'hit, nothing decoded' if cache.decoded == 0 else f'{cache.decoded} images decoded once'} "
+        f"({cache.path})")
     train = ImageSet.from_records(cache, manifest.usable("train"), classes)
     val = ImageSet.from_records(cache, manifest.usable("val"), classes)
     skipped = manifest.problems()
@@ -226,47 +451,105 @@ def fit(cfg: TrainConfig) -> RunResult:
         raise DataError("no usable training image after decoding")
     log(f"data: {len(train)} train, {len(val)} val images; classes {manifest.counts('train')}")
 
+    class_weights, sample_weights, select_by = _balance(cfg.balance, train.labels, len(classes))
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_yaml(run_dir / "config.yaml", asdict(cfg))
-    manifest.save_split(run_dir / "split.json")
+    ckpt_path = run_dir / "last.pt"
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_yaml(run_dir / "config.yaml", {k: v for k, v in asdict(cfg).items() if k != "resume"})
+        manifest.save_split(run_dir / "split.json")
+    writer = _tensorboard(run_dir / "tb") if dist.main else None
 
-    pretrained = not (cfg.model == "small_cnn" or cfg.pretrained == "none")
-    opt = torch.optim.AdamW(_param_groups(model, cfg.lr, cfg.weight_decay, pretrained))
-    steps_per_epoch = max(1, len(train) // cfg.batch_size if len(train) > cfg.batch_size else 1)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
+    if cfg.resume and resumed is None:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting from the beginning")
+    if resumed is not None and resumed.get("data_fingerprint") != manifest.fingerprint():
+        raise DataError(f"--resume: {ckpt_path} was trained on different data or another split")
+
+    probe_info: dict[str, Any] = {}
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        probe_info = json.loads(resumed["probe"])
+    elif cfg.stages in ("probe", "both"):
+        probe_info = linear_probe(model, train, val, spec, device, cfg, classes, class_weights, amp)
 
     history: list[dict[str, Any]] = []
-    best_score, best_state, best_epoch, stale = (-1.0, -math.inf), None, 0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, train, spec, opt, sched, device, cfg, gen, epoch))
-        if len(val):
-            logits, y = predict_logits(model, val, spec, device)
-            row["val_loss"] = float(F.cross_entropy(logits, y))
-            row["val_acc"] = float((logits.argmax(1) == y).float().mean())
-        # best = highest validation accuracy, ties broken by the lower validation loss
-        score = (row["val_acc"], -row["val_loss"]) if len(val) else (0.0, -row["train_loss"])
-        history.append(row)
-        log(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
-            + (f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.3f}  " if len(val) else "")
-            + f"{row['images_per_s']:.0f} img/s")
-        if score > best_score:
-            best_score, best_epoch, stale = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
+    best_score: tuple[float, float] = (-1.0, -math.inf)
+    best_state, best_epoch, stale, start_epoch = None, 0, 0, 1
+    if cfg.stages in ("finetune", "both") and cfg.epochs > 0:
+        train_model: torch.nn.Module = model
+        if dist.world > 1:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            train_model = torch.compile(train_model)
+        opt = torch.optim.AdamW(_param_groups(model, cfg.lr, cfg.weight_decay, not cfg.from_scratch))
+        global_batch = cfg.batch_size * dist.world
+        steps_per_epoch = max(1, len(train) // global_batch) if len(train) >= global_batch else 1
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _lr_lambda(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        order_gen = torch.Generator().manual_seed(cfg.seed)
+        aug_gen = torch.Generator().manual_seed(cfg.seed + 1000 * (dist.rank + 1))
+        if resumed is not None:
+            opt.load_state_dict(resumed["optimizer"])
+            sched.load_state_dict(resumed["scheduler"])
+            scaler.load_state_dict(resumed["scaler"])
+            order_gen.set_state(resumed["order_gen"])
+            aug_gen.set_state(resumed["aug_gen"][dist.rank] if dist.rank < len(resumed["aug_gen"]) else aug_gen.get_state())
+            torch.set_rng_state(resumed["torch_rng"])
+            history = json.loads(resumed["history"])
+            best_score = tuple(resumed["best_score"].tolist())  # type: ignore[assignment]
+            best_state = resumed["best_state"] or None
+            best_epoch, stale, start_epoch = int(resumed["best_epoch"]), int(resumed["stale"]), int(resumed["epoch"]) + 1
+            log(f"resumed from {ckpt_path} after epoch {start_epoch - 1}")
+
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if cfg.patience and stale >= cfg.patience:
+                break
+            row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[-1]["lr"]}
+            row.update(train_one_epoch(train_model, train, spec, opt, sched, scaler, device, cfg, order_gen, aug_gen,
+                                       epoch, dist, amp, class_weights.to(device) if class_weights is not None else None,
+                                       sample_weights))
+            if len(val):
+                row.update(_val_row(model, val, spec, device, classes, amp))
+            # best = highest validation accuracy (macro-F1 on imbalanced data), ties broken by the lower loss
+            key = "val_macro_f1" if select_by == "macro_f1" else "val_acc"
+            score = (row[key], -row["val_loss"]) if len(val) else (0.0, -row["train_loss"])
+            history.append(row)
+            log(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
+                + (f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.3f}  " if len(val) else "")
+                + f"{row['images_per_s']:.0f} img/s")
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        writer.add_scalar(k, v, epoch)
+                writer.flush()
+            if score > best_score:
+                best_score, best_epoch, stale = score, epoch, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            if dist.main:
+                save_checkpoint(ckpt_path, {
+                    "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "order_gen": order_gen.get_state(), "aug_gen": _gather_states(aug_gen, dist),
+                    "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
+                    "best_score": torch.tensor(best_score, dtype=torch.float64), "best_state": best_state or {},
+                    "best_epoch": best_epoch, "stale": stale, "probe": json.dumps(probe_info),
+                    "data_fingerprint": manifest.fingerprint(),
+                })
+            else:
+                _gather_states(aug_gen, dist)
             if cfg.patience and stale >= cfg.patience:
                 log(f"early stop: no better validation score for {cfg.patience} epochs")
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        if best_state is not None:
+            model.load_state_dict(best_state)
 
     temperature, metrics = 1.0, {}
     if len(val):
-        logits, y = predict_logits(model, val, spec, device)
+        logits, y = predict_logits(model, val, spec, device, amp=amp)
         before = classification_metrics(torch.softmax(logits, -1).numpy(), y.numpy(), classes)
         temperature = fit_temperature(logits, y)
         metrics = classification_metrics(torch.softmax(logits / temperature, -1).numpy(), y.numpy(), classes)
@@ -275,36 +558,56 @@ def fit(cfg: TrainConfig) -> RunResult:
     wall = time.perf_counter() - t_start
     summary = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece") if k in metrics}
     summary["val_images"] = len(val)
-    artifact_dir = save_artifact(run_dir / "model", model.cpu(), spec, classes, temperature=temperature,
-                                 metrics=summary, extra={"data_fingerprint": manifest.fingerprint()})
     out = {
         "model": spec.architecture,
         "pretrained": spec.pretrained_source,
+        "stages": cfg.stages,
         "classes": classes,
         "counts": {s: manifest.counts(s) for s in ("train", "val")},
         "best_epoch": best_epoch,
+        "selected_by": select_by,
         "epochs_run": len(history),
         "temperature": temperature,
         "val": metrics,
+        "probe": probe_info,
         "history": history,
         "skipped": [{"path": f.path, "problem": f.problem, "detail": f.detail} for f in skipped],
         "wall_time_s": wall,
-        "device": str(device),
+        "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
         "data_fingerprint": manifest.fingerprint(),
+        "reproducibility": _reproducibility(cfg, device, dist, amp),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
-    log(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
-        + f"; temperature {temperature:.2f}; wrote {artifact_dir}")
+    artifact_dir = run_dir / "model"
+    if dist.main:
+        save_artifact(artifact_dir, model.cpu(), spec, classes, temperature=temperature, metrics=summary,
+                      extra={"data_fingerprint": manifest.fingerprint()})
+        (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+        log(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
+            + f"; temperature {temperature:.2f}; wrote {artifact_dir}")
+    if writer is not None:
+        writer.close()
+    dist.barrier()
     return RunResult(run_dir, artifact_dir, out, history)
+
+
+def _gather_states(gen: torch.Generator, dist: Dist) -> list[torch.Tensor]:
+    """Every rank's augmentation RNG state, so a resumed DDP run continues each rank's stream."""
+    if dist.world == 1:
+        return [gen.get_state()]
+    states: list[Any] = [None] * dist.world
+    torch.distributed.all_gather_object(states, gen.get_state())
+    return states
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: no event files, nothing else changes
+        return None
+    return SummaryWriter(str(path))
 
 
 def _write_yaml(path: Path, data: dict) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def fit_threads() -> None:
-    """Intra-op threads = the cores we have (torch's default can oversubscribe under containers)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
