@@ -106,6 +106,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_folder
+
+    art = _artifact_dir(args.artifact)
+    out = Path(args.out) if args.out else (art.parent / f"eval-{Path(args.data).resolve().name}")
+    try:
+        r = evaluate_folder(art, args.data, out, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pupil evaluate: {e}", file=sys.stderr)
+        return 2
+    m = r["metrics"]
+    print(f"{m['n']} images ({r['split']}): accuracy {m['accuracy']:.4f}, balanced accuracy "
+          f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}, "
+          f"log loss {m['nll']:.4f}; {len(r['skipped'])} skipped")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
 def _artifact_dir(target: str) -> Path:
     p = Path(target)
     return p / "model" if (p / "model" / "config.json").is_file() else p
@@ -230,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a config.yaml (e.g. from an earlier run); flags override it")
     _add_config_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="metrics and report of an artifact on a folder (e.g. a held-out test set)")
+    ev.add_argument("artifact", help="an artifact directory (runs/NAME/model) or a run directory")
+    ev.add_argument("data", help="class-per-folder images (a test/ or val/ split inside is used if present)")
+    ev.add_argument("--out", help="where to write metrics.json and report.html (default: runs/NAME/eval-<folder>)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="classify images (files or folders); one JSON object per line")
     pr.add_argument("artifact", help="an artifact directory (runs/NAME/model) or a run directory")

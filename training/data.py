@@ -395,13 +395,14 @@ class ImageSet:
     cache: DecodeCache
     rows: np.ndarray
     labels: np.ndarray
+    paths: list[str] = field(default_factory=list)
 
     @classmethod
     def from_records(cls, cache: DecodeCache, records: Sequence[FileRecord], classes: list[str]) -> "ImageSet":
         cid = {c: i for i, c in enumerate(classes)}
         keep = [r for r in records if r.problem is None and r.sha256 in cache.index]
         return cls(cache, np.array([cache.index[r.sha256] for r in keep], dtype=np.int64),
-                   np.array([cid[r.label] for r in keep], dtype=np.int64))
+                   np.array([cid[r.label] for r in keep], dtype=np.int64), [r.path for r in keep])
 
     def __len__(self) -> int:
         return len(self.rows)

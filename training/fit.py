@@ -44,7 +44,8 @@ from .data import (
     split_manifest,
     trainability,
 )
-from .evaluate import classification_metrics, fit_temperature
+from .evaluate import classification_metrics, evaluate_logits, fit_temperature
+from .report import confident_mistakes, write_report
 
 
 class DataError(RuntimeError):
@@ -547,14 +548,11 @@ def fit(cfg: TrainConfig) -> RunResult:
         if best_state is not None:
             model.load_state_dict(best_state)
 
-    temperature, metrics = 1.0, {}
+    temperature, metrics, logits = 1.0, {}, None
     if len(val):
         logits, y = predict_logits(model, val, spec, device, amp=amp)
-        before = classification_metrics(torch.softmax(logits, -1).numpy(), y.numpy(), classes)
         temperature = fit_temperature(logits, y)
-        metrics = classification_metrics(torch.softmax(logits / temperature, -1).numpy(), y.numpy(), classes)
-        metrics["ece_uncalibrated"] = before["ece"]
-        metrics["nll_uncalibrated"] = before["nll"]
+        metrics = evaluate_logits(logits, y, classes, temperature)
     wall = time.perf_counter() - t_start
     summary = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece") if k in metrics}
     summary["val_images"] = len(val)
@@ -582,6 +580,15 @@ def fit(cfg: TrainConfig) -> RunResult:
         save_artifact(artifact_dir, model.cpu(), spec, classes, temperature=temperature, metrics=summary,
                       extra={"data_fingerprint": manifest.fingerprint()})
         (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+        mistakes = []
+        if logits is not None:
+            probs = torch.softmax(logits / temperature, -1).numpy()
+            mistakes = confident_mistakes(model, spec, probs, val.labels, classes, val.paths,
+                                          lambda i: center(val.batch(np.array([i]))[0][0], spec.input_size).numpy())
+        report = write_report(run_dir, title=f"pupil run {run_dir.name}: {spec.architecture}", metrics=metrics,
+                              classes=classes, history=history, config={**asdict(cfg), "probe": probe_info},
+                              data_summary={"counts": out["counts"], "skipped": out["skipped"]}, mistakes=mistakes)
+        log(f"report: {report}")
         log(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
             + f"; temperature {temperature:.2f}; wrote {artifact_dir}")
     if writer is not None:
