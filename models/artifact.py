@@ -198,6 +198,8 @@ def load_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{weights} does not fit {spec.architecture} with {spec.num_classes} classes: {first}") from None
     model.eval()
     info = {k: cfg.get(k) for k in ("format", "pupil_version", "created_at", "weights_sha256", "data_fingerprint")}
+    info["onnx"] = {"sha256": cfg.get("onnx_sha256"), "weights_sha256": cfg.get("onnx_weights_sha256"),
+                    "parity_max_abs": cfg.get("onnx_parity_max_abs")}
     return Artifact(
         model=model,
         spec=spec,

@@ -56,13 +56,37 @@ class Predictor:
         *,
         device: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        backend: str = "torch",
+        threads: int | None = None,
     ):
+        """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx)."""
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         self.spec = self.artifact.spec
         self.labels = self.artifact.labels
         self.device = pick_device(device)
         self.max_pixels = max_pixels
         self.model = self.artifact.model.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.session = None
+        if backend == "auto":
+            backend = "onnx" if self.device.type == "cpu" and self._onnx_current() else "torch"
+        if backend == "onnx":
+            from .export import ONNX, onnx_session
+
+            if not self._onnx_current():
+                raise FileNotFoundError(f"{self.artifact.path}/{ONNX} is missing or was not exported from these weights")
+            self.session = onnx_session(self.artifact.path / ONNX, threads)  # type: ignore[operator]
+        self.backend = backend
+
+    def _onnx_current(self) -> bool:
+        """True if model.onnx exists, matches its recorded hash and was exported from these very weights."""
+        from .artifact import sha256_file
+        from .export import ONNX
+
+        if self.artifact.path is None or not (self.artifact.path / ONNX).is_file():
+            return False
+        rec = self.artifact.info.get("onnx") or {}
+        return (rec.get("weights_sha256") == self.artifact.info.get("weights_sha256")
+                and rec.get("sha256") == sha256_file(self.artifact.path / ONNX))
 
     @property
     def temperature(self) -> float:
@@ -76,8 +100,11 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, arrays: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Raw logits for a uint8 NxHxWx3 batch already at the input size."""
-        batch = torch.as_tensor(arrays).to(self.device, non_blocking=True)
-        x = normalize(batch, self.spec.mean, self.spec.std)
+        batch = torch.as_tensor(arrays)
+        if self.session is not None:
+            x = normalize(batch, self.spec.mean, self.spec.std).contiguous().numpy()
+            return torch.from_numpy(self.session.run(["logits"], {"input": x})[0])
+        x = normalize(batch.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
         return self.model(x).float().cpu()
 
     def probabilities(self, arrays: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -9,7 +9,8 @@ a byte cap and hands the API raw bytes, so every bad input gets our JSON error w
     413 too_large (bytes) | too_many_pixels          415 unsupported_format | unsupported_media_type
 
 Settings (environment): PUPIL_MODEL_TAG (default pupil:latest), PUPIL_MAX_BYTES (20 MB), PUPIL_MAX_PIXELS (50 MP),
-PUPIL_MAX_FILES (64, for /classify_batch), PUPIL_DEVICE (auto).
+PUPIL_MAX_FILES (64, for /classify_batch), PUPIL_DEVICE (auto), PUPIL_BACKEND (auto: ONNX Runtime on CPU, torch on
+GPU), PUPIL_THREADS (intra-op threads per request on CPU, default 1: concurrent requests use the other cores).
 """
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
 import bentoml
 import numpy as np
-from starlette.responses import JSONResponse
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 
+from models.gradcam import gradcam, overlay, png_bytes
 from models.images import ImageError
 from models.predictor import Predictor
 
@@ -132,6 +137,20 @@ class ClassifyInput(bentoml.IODescriptor):
         return cls.model_construct(image=image, top_k=fields.get("top_k"))
 
 
+class ExplainInput(bentoml.IODescriptor):
+    """multipart: `image` (one file), optional `label` (default: the top prediction)."""
+
+    image: Path
+    label: str = ""
+
+    @classmethod
+    async def from_http_request(cls, request, serde):  # noqa: ARG003
+        files, fields, problem = await parse_upload(request, "image", many=False)
+        image = problem or (files[0] if len(files) == 1 else Received(status=400, error="bad_request",
+                                                                      detail="send exactly one file as 'image'"))
+        return cls.model_construct(image=image, label=fields.get("label", ""))
+
+
 class ClassifyBatchInput(bentoml.IODescriptor):
     """multipart: `images` (several files), optional `top_k`."""
 
@@ -154,6 +173,14 @@ def _as_received(x: Any) -> Received:
     return Received(data=p.read_bytes(), filename=p.name)
 
 
+async def _ui_page(request):  # noqa: ARG001
+    return HTMLResponse((Path(__file__).parent / "ui.html").read_text(encoding="utf-8"))
+
+
+ui_app = Starlette(routes=[Route("/", _ui_page)])
+
+
+@bentoml.asgi_app(ui_app, path="/ui")
 @bentoml.service(traffic={"timeout": 60, "max_concurrency": 128}, http={"port": 3000})
 class ImageClassifier:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
@@ -162,7 +189,9 @@ class ImageClassifier:
         path = Path(self.model_ref.path)
         t0 = time.perf_counter()
         try:
-            self.predictor = Predictor(path, device=os.environ.get("PUPIL_DEVICE", "auto"), max_pixels=MAX_PIXELS)
+            self.predictor = Predictor(path, device=os.environ.get("PUPIL_DEVICE", "auto"), max_pixels=MAX_PIXELS,
+                                       backend=os.environ.get("PUPIL_BACKEND", "auto"),
+                                       threads=int(os.environ.get("PUPIL_THREADS", 1)))
         except Exception as e:  # name the file at fault and refuse to start
             logger.error("pupil: cannot load the model %s from %s: %s", MODEL_TAG, path, e)
             raise
@@ -170,7 +199,8 @@ class ImageClassifier:
         self.model_info = {"name": a.spec.architecture, "version": a.version, "tag": str(self.model_ref.tag)}
         size = a.spec.input_size
         self.predictor.probabilities(np.zeros((1, size, size, 3), dtype=np.uint8))  # warm-up before /readyz
-        logger.info("pupil: loaded %s (%s) in %.1fs", MODEL_TAG, a.spec.architecture, time.perf_counter() - t0)
+        logger.info("pupil: loaded %s (%s, %s) in %.1fs", MODEL_TAG, a.spec.architecture, self.predictor.backend,
+                    time.perf_counter() - t0)
 
     def _classify_one(self, item: Received, top_k: int) -> tuple[int, dict[str, Any]]:
         if item.status:
@@ -224,6 +254,25 @@ class ImageClassifier:
                 r["filename"] = item.filename
         return JSONResponse(results)
 
+    @bentoml.api(route="/explain", input_spec=ExplainInput)
+    def explain(self, image: Path, label: str = "") -> bytes:
+        """PNG: Grad-CAM heat map over the (centre-cropped) image for `label`, default the top prediction."""
+        item = _as_received(image)
+        if item.status:
+            return error_response(item.status, item.error, item.detail)
+        labels = self.predictor.labels
+        if label and label not in labels:
+            return error_response(400, "unknown_label", f"{label!r} is not one of the model's classes: {labels}")
+        try:
+            array = self.predictor.load(item.data)
+        except ImageError as e:
+            return error_response(e.status, e.problem, e.detail)
+        model = self.predictor.model
+        heat, c, _ = gradcam(model, array, self.predictor.spec.mean, self.predictor.spec.std,
+                             labels.index(label) if label else None)
+        return Response(png_bytes(overlay(array, heat)), media_type="image/png",
+                        headers={"X-Pupil-Label": quote(labels[c])})
+
     @bentoml.api(route="/metadata")
     def metadata(self) -> dict:
         """Classes, architecture, input size, calibration and the validation summary of the served model."""
@@ -240,6 +289,8 @@ class ImageClassifier:
             "metrics": a.metrics,
             "model": self.model_info,
             "weights_sha256": a.info.get("weights_sha256"),
+            "backend": self.predictor.backend,
+            "onnx_parity_max_abs": (a.info.get("onnx") or {}).get("parity_max_abs"),
             "created_at": a.info.get("created_at"),
             "pupil_version": a.info.get("pupil_version"),
             "limits": {"max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "max_files": MAX_FILES},

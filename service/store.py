@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from models.artifact import CONFIG, WEIGHTS, load_artifact, read_config
+from models.export import ONNX, ensure_onnx
 
 MODEL_NAME = os.environ.get("PUPIL_MODEL_NAME", "pupil")
 
@@ -37,8 +38,11 @@ def import_artifact(artifact_dir: str | Path, name: str = MODEL_NAME) -> str:
         "source": str(artifact_dir.resolve()),
     }
     with bentoml.models.create(tag, labels={"framework": "pupil"}, metadata=metadata) as bento_model:
-        for f in (CONFIG, WEIGHTS):
-            shutil.copy2(artifact_dir / f, Path(bento_model.path) / f)
+        for f in (CONFIG, WEIGHTS, ONNX):
+            if (artifact_dir / f).is_file():
+                shutil.copy2(artifact_dir / f, Path(bento_model.path) / f)
+        # the CPU serving path: export (or re-check) model.onnx now, once, with its parity against torch recorded
+        ensure_onnx(bento_model.path)
     return tag
 
 

@@ -62,3 +62,95 @@ def test_metadata_and_bentoml_client(server, trained_run):
     with bentoml.SyncHTTPClient(server.url) as client:
         out = client.classify(image=trained_run.parent / "data" / "blue" / "blue_002.png", top_k=1)
     assert out["predictions"][0]["label"] == "blue" and len(out["predictions"]) == 1
+
+
+def test_explain_returns_a_png_heat_map(server, trained_run):
+    img = (trained_run.parent / "data" / "red" / "red_004.png").read_bytes()
+    r = httpx.post(f"{server.url}/explain", files={"image": ("r.png", img, "image/png")})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["x-pupil-label"] == "red"
+    im = Image.open(io.BytesIO(r.content))
+    assert im.format == "PNG" and im.size == (32, 32)
+    r = httpx.post(f"{server.url}/explain", files={"image": ("r.png", img, "image/png")}, data={"label": "blue"})
+    assert r.status_code == 200 and r.headers["x-pupil-label"] == "blue"
+    r = httpx.post(f"{server.url}/explain", files={"image": ("r.png", img, "image/png")}, data={"label": "purple"})
+    assert r.status_code == 400 and r.json()["error"] == "unknown_label"
+
+
+def test_every_error_status_and_the_server_stays_up(server):
+    from tests.corpus import bad_files
+
+    bad = bad_files()
+    cases = [
+        (("half.jpg", bad["half.jpg"][0]), {}, 400, "truncated"),
+        (("crc.png", bad["bad_crc.png"][0]), {}, 400, "corrupt"),
+        (("d.svg", bad["drawing.svg"][0]), {}, 415, "unsupported_format"),
+        (("bomb.png", bad["bomb_60mp.png"][0]), {}, 413, "too_many_pixels"),
+        (("bomb.png", bad["bomb_400mp.png"][0]), {}, 413, "too_many_pixels"),
+        (("x.png", _png((1, 2, 3))), {"top_k": "0"}, 400, "bad_top_k"),
+        (("x.png", _png((1, 2, 3))), {"top_k": "99999"}, 400, "bad_top_k"),
+    ]
+    for (name, data), form, status, error in cases:
+        r = httpx.post(f"{server.url}/classify", files={"image": (name, data, "application/octet-stream")}, data=form)
+        assert (r.status_code, r.json()["error"]) == (status, error), (name, r.text)
+    r = httpx.post(f"{server.url}/classify", files={"image": ("big.jpg", b"\xff" * (21 * 1024 * 1024), "image/jpeg")})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+    r = httpx.post(f"{server.url}/classify", data={"image": "http://127.0.0.1:9/evil.png"})
+    assert r.status_code == 400 and "file upload" in r.json()["detail"]
+    r = httpx.post(f"{server.url}/classify", files={"other": ("x.png", _png((1, 2, 3)), "image/png")})
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    r = httpx.post(f"{server.url}/classify_batch", data={"top_k": "2"})
+    assert r.status_code == 400
+    assert server.alive()
+    assert httpx.post(f"{server.url}/classify", files={"image": ("x.png", _png((200, 30, 30)), "image/png")}).status_code == 200
+
+
+def test_raw_body_upload(server):
+    r = httpx.post(f"{server.url}/classify?top_k=1", content=_png((40, 60, 210)), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+
+
+def test_32_concurrent_requests_are_all_answered_correctly(server, trained_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = trained_run.parent / "data"
+    jobs = [(c, (d / c / f"{c}_{i:03d}.png").read_bytes()) for i in range(16) for c in ("red", "blue")]
+
+    def one(job):
+        label, data = job
+        r = httpx.post(f"{server.url}/classify", files={"image": ("x.png", data, "image/png")}, timeout=60)
+        return label, r.status_code, r.json()
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, jobs))
+    assert all(status == 200 for _, status, _ in results)
+    right = sum(body["predictions"][0]["label"] == label for label, _, body in results)
+    assert right >= 30  # the model's own training images: it knows them
+
+
+def test_cpu_serving_runs_onnx_with_recorded_parity(server):
+    meta = httpx.post(f"{server.url}/metadata").json()
+    assert meta["backend"] == "onnx"
+    assert meta["onnx_parity_max_abs"] is not None and meta["onnx_parity_max_abs"] < 1e-4
+
+
+def test_web_page_classifies_an_uploaded_image(server, trained_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server.url}/ui")
+        page.wait_for_function("document.getElementById('model').textContent.includes('small_cnn')")
+        page.set_input_files("#file", str(trained_run.parent / "data" / "blue" / "blue_005.png"))
+        page.wait_for_selector("#bars .bar")
+        page.wait_for_selector("#cam:not([hidden])")
+        top = page.eval_on_selector("#bars .bar", "e => e.dataset.label")
+        page.screenshot(path=str(tmp_path / "ui.png"))
+        browser.close()
+    assert errors == [] and top == "blue"
+    assert (tmp_path / "ui.png").stat().st_size > 5000

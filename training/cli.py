@@ -90,6 +90,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .data import _hidden, _walk_files
 
+    import csv
+
+    from tqdm import tqdm
+
     pred = Predictor(_artifact_dir(args.artifact), device=args.device)
     paths: list[Path] = []
     for item in args.images:
@@ -97,12 +101,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
         paths.extend(sorted(_walk_files(p)) if p.is_dir() else [p])
     paths = [p for p in paths if not _hidden(p.name)]
     status = 0
-    for start in range(0, len(paths), 32):
-        chunk = paths[start:start + 32]
-        for p, res in zip(chunk, pred.predict(chunk, top_k=args.top_k)):
+    writer = None
+    if args.csv:
+        fh = open(args.csv, "w", newline="", encoding="utf-8")
+        writer = csv.writer(fh)
+        writer.writerow(["image", "label", "score", "error", "detail"] + [f"p_{c}" for c in pred.labels])
+    bar = tqdm(total=len(paths), unit="img", disable=writer is None or not sys.stderr.isatty(), file=sys.stderr)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        k = len(pred.labels) if writer else args.top_k
+        for p, res in zip(chunk, pred.predict(chunk, top_k=k, batch_size=args.batch_size)):
             if "error" in res:
                 status = 1
-            print(json.dumps({"image": str(p), **res}), flush=True)
+            if writer is not None:
+                if "error" in res:
+                    writer.writerow([str(p), "", "", res["error"], res["detail"]] + [""] * len(pred.labels))
+                else:
+                    by = {q["label"]: q["score"] for q in res["predictions"]}
+                    top = res["predictions"][0]
+                    writer.writerow([str(p), top["label"], f"{top['score']:.6f}", "", ""]
+                                    + [f"{by[c]:.6f}" for c in pred.labels])
+            else:
+                print(json.dumps({"image": str(p), **res}), flush=True)
+        bar.update(len(chunk))
+    bar.close()
+    if writer is not None:
+        fh.close()
+        print(f"wrote {len(paths)} rows to {args.csv}", file=sys.stderr)
     return status
 
 
@@ -121,6 +146,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}, "
           f"log loss {m['nll']:.4f}; {len(r['skipped'])} skipped")
     print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from models.artifact import ArtifactError, load_artifact
+    from models.export import ONNX, TORCHSCRIPT, ExportError, ensure_onnx, export_torchscript
+
+    art_dir = _artifact_dir(args.artifact)
+    try:
+        if args.format == "onnx":
+            path = ensure_onnx(art_dir)
+            diff = load_artifact(art_dir).info["onnx"]["parity_max_abs"]
+            if args.out:
+                shutil.copy2(path, args.out)
+                path = Path(args.out)
+        else:
+            path = Path(args.out) if args.out else art_dir / TORCHSCRIPT
+            diff = export_torchscript(load_artifact(art_dir), path)
+    except (ArtifactError, ExportError) as e:
+        print(f"pupil export: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"format": args.format, "path": str(path), "max_abs_diff_vs_torch": diff}))
     return 0
 
 
@@ -261,7 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--csv", help="write one row per image (top label, score, every class's probability) to this file")
+    pr.add_argument("--batch-size", type=int, default=32)
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export the artifact to ONNX or TorchScript, checked against the torch output")
+    ex.add_argument("artifact")
+    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    ex.add_argument("--out", help="output file (default: inside the artifact directory)")
+    ex.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="import the artifact into BentoML's model store and serve it over HTTP")
     s.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
