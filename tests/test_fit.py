@@ -115,7 +115,9 @@ def test_ddp_on_two_gloo_processes_writes_one_loadable_artifact(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes (DDP)" in r.stderr
     assert r.stderr.count("wrote ") == 1  # only rank 0 writes
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pt", "metrics.json", "model", "split.json", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml", "confusion.png", "curves.png", "last.pt", "metrics.json", "model", "reliability.png",
+        "report.html", "split.json", "tb"]  # written once, no stray temporary files
     art = load_artifact(out / "model")
     assert art.labels == ["blue", "red"]
     assert json.loads((out / "metrics.json").read_text())["reproducibility"]["processes"] == 2
