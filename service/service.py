@@ -10,7 +10,8 @@ a byte cap and hands the API raw bytes, so every bad input gets our JSON error w
 
 Settings (environment): PUPIL_MODEL_TAG (default pupil:latest), PUPIL_MAX_BYTES (20 MB), PUPIL_MAX_PIXELS (50 MP),
 PUPIL_MAX_FILES (64, for /classify_batch), PUPIL_DEVICE (auto), PUPIL_BACKEND (auto: ONNX Runtime on CPU, torch on
-GPU), PUPIL_THREADS (intra-op threads per request on CPU, default 1: concurrent requests use the other cores).
+GPU), PUPIL_THREADS (intra-op threads per request on CPU, default 1: concurrent requests use the other cores),
+PUPIL_WORKERS (server processes, default 1).
 """
 from __future__ import annotations
 
@@ -181,7 +182,8 @@ ui_app = Starlette(routes=[Route("/", _ui_page)])
 
 
 @bentoml.asgi_app(ui_app, path="/ui")
-@bentoml.service(traffic={"timeout": 60, "max_concurrency": 128}, http={"port": 3000})
+@bentoml.service(traffic={"timeout": 60, "max_concurrency": 128}, http={"port": 3000},
+                 workers=int(os.environ.get("PUPIL_WORKERS", 1)))
 class ImageClassifier:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 

@@ -121,3 +121,12 @@ def test_ddp_on_two_gloo_processes_writes_one_loadable_artifact(tmp_path):
     art = load_artifact(out / "model")
     assert art.labels == ["blue", "red"]
     assert json.loads((out / "metrics.json").read_text())["reproducibility"]["processes"] == 2
+
+
+def test_time_limit_runs_only_the_epochs_that_fit(shapes_dir, tmp_path):
+    t0 = time.time()
+    r = fit(TrainConfig(data=str(shapes_dir), epochs=100_000, time_limit=0.1, patience=0, out=str(tmp_path / "run"),
+                        **TINY))
+    assert time.time() - t0 < 60
+    assert 2 <= r.metrics["epochs_run"] < 100_000
+    assert r.history[-1]["lr"] < 0.2 * max(h["lr"] for h in r.history)  # the cosine still decays to the end

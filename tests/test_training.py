@@ -57,3 +57,18 @@ def test_check_refuses_a_single_class_folder(tmp_path):
     make_shapes_folder(tmp_path / "one", classes=("red",), n=3)
     r = subprocess.run([sys.executable, "-m", "training", "check", str(tmp_path / "one")], capture_output=True, text=True)
     assert r.returncode == 2 and "need at least 2" in r.stdout
+
+
+def test_compare_prints_a_table_of_runs(trained_run, shapes_dir, tmp_path):
+    other = fit(TrainConfig(data=str(shapes_dir), model="small_cnn", width=4, img_size=32, epochs=2, batch_size=8,
+                            out=str(tmp_path / "narrow"), progress=False, workers=1))
+    r = subprocess.run([sys.executable, "-m", "training", "compare", str(trained_run), str(other.run_dir)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["run", "model", "weights", "accuracy"]
+    assert lines[1].startswith("run ") and lines[2].startswith("narrow ") and "scratch" in lines[2]
+    r = subprocess.run([sys.executable, "-m", "training", "compare", str(trained_run), "--json"], capture_output=True,
+                       text=True, timeout=120)
+    row = json.loads(r.stdout)[0]
+    assert row["model"] == "small_cnn" and 0 <= row["accuracy"] <= 1

@@ -12,19 +12,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-# Make glibc keep freed activations instead of returning them to the kernel on every pass (measured 1.4-3.4x on
-# CPU inference here; DESIGN.md). Must be in the environment before the allocator starts: re-exec once if absent.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-
-
-def _ensure_allocator_env() -> None:
-    if os.environ.get("PUPIL_NO_REEXEC") or all(os.environ.get(k) for k in ALLOCATOR_ENV):
-        return
-    env = {**os.environ, **ALLOCATOR_ENV, "PUPIL_NO_REEXEC": "1"}
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "training", *sys.argv[1:]], env)
-    except OSError:
-        pass  # run without it rather than not at all
+from models.runtime import ALLOCATOR_ENV, ensure_allocator_env
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -49,6 +37,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         "resume": "continue the run in --out from its last.pt (same settings, same result)",
         "batch_size": "images per step per process",
         "workers": "processes decoding images into the cache",
+        "time_limit": "minutes for the whole run (0: none); the epochs that fit are run, schedule intact",
     }
     for f in fields(cls):
         if f.name == "data":
@@ -170,6 +159,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"pupil export: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"format": args.format, "path": str(path), "max_abs_diff_vs_torch": diff}))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "metrics.json"
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"pupil compare: cannot read {path}: {e}", file=sys.stderr)
+            return 2
+        v = m.get("val", {})
+        pre = m.get("pretrained", "")
+        rows.append([Path(run).name, m.get("model", "?"), "scratch" if pre.startswith("none") else "ImageNet",
+                     v.get("accuracy"), v.get("balanced_accuracy"), v.get("macro_f1"), v.get("ece"),
+                     m.get("epochs_run"), m.get("wall_time_s"), m.get("train_images_per_s")])
+    header = ["run", "model", "weights", "accuracy", "bal.acc", "macro-F1", "ECE", "epochs", "wall s", "img/s"]
+    if args.json:
+        print(json.dumps([dict(zip(header, r)) for r in rows], indent=2))
+        return 0
+    cells = [[f"{c:.3f}" if isinstance(c, float) and i < 7 else f"{c:.0f}" if isinstance(c, float) else str(c)
+              for i, c in enumerate(r)] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for r in cells:
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     return 0
 
 
@@ -320,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="output file (default: inside the artifact directory)")
     ex.set_defaults(func=cmd_export)
 
+    cp = sub.add_parser("compare", help="a table of runs (e.g. transfer vs scratch): accuracy, macro-F1, ECE, time")
+    cp.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
+
     s = sub.add_parser("serve", help="import the artifact into BentoML's model store and serve it over HTTP")
     s.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
     s.add_argument("--port", type=int, default=3000)
@@ -342,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
-        _ensure_allocator_env()
+        ensure_allocator_env()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -69,6 +69,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
     patience: int = 5  # early stopping: epochs without a better validation score (0 = off)
+    time_limit: float = 0.0  # minutes for the whole run (0 = none): fewer epochs, same schedule shape
     balance: str = "auto"  # auto | loss | sampler | none: class-weighted loss or sampling for imbalanced data
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU where it measured faster)
     freeze_bn: bool = True  # pretrained models: keep BatchNorm statistics fixed while fine-tuning (small batches)
@@ -239,14 +240,18 @@ def _balance(mode: str, labels: np.ndarray, k: int) -> tuple[torch.Tensor | None
     raise ValueError(f"--balance must be auto, loss, sampler or none, not {mode!r}")
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+class WarmupCosine:
+    """Linear warmup, then cosine decay to 0 at `total` steps. `total` may be shortened (a time limit) mid-run."""
 
-    return f
+    def __init__(self, total: int, warmup: int):
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        warmup = min(self.warmup, self.total // 3)  # a short run (time limit) still gets most of its steps decaying
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.inference_mode()
@@ -279,15 +284,13 @@ def _val_row(model, val: ImageSet, spec, device, classes, amp) -> dict[str, floa
 
 def linear_probe(model, train: ImageSet, val: ImageSet, spec, device, cfg: TrainConfig, classes: list[str],
                  class_weights: torch.Tensor | None, amp) -> dict[str, Any]:
-    """Train only the head, on backbone features computed once (centre crops and their mirror images).
+    """Train only the head, on backbone features computed once (one pass over the centre crops).
 
     The backbone never sees a gradient and its weights are untouched; the best head by validation loss is kept."""
     t0 = time.perf_counter()
-    feats, ys = predict_logits(model, train, spec, device, amp=amp, pre_logits=True)
-    flipped = ImageSet(train.cache, train.rows, train.labels)
-    flipped_feats = _features_of_flipped(model, flipped, spec, device, amp)
-    x_train, y_train = torch.cat([feats, flipped_feats]), torch.cat([ys, ys])
-    x_val, y_val = predict_logits(model, val, spec, device, amp=amp, pre_logits=True) if len(val) else (None, None)
+    x_train, y_train = (t.clone() for t in predict_logits(model, train, spec, device, amp=amp, pre_logits=True))
+    x_val, y_val = (t.clone() for t in predict_logits(model, val, spec, device, amp=amp, pre_logits=True)) \
+        if len(val) else (None, None)
     t_feat = time.perf_counter() - t0
 
     head = copy.deepcopy(model.get_classifier()).float().cpu()
@@ -316,23 +319,12 @@ def linear_probe(model, train: ImageSet, val: ImageSet, spec, device, cfg: Train
     return out
 
 
-@torch.inference_mode()
-def _features_of_flipped(model, data: ImageSet, spec, device, amp) -> torch.Tensor:
-    model.eval()
-    outs = []
-    for idx in iterate(len(data), 64, shuffle=False):
-        x, _ = data.batch(idx)
-        x = normalize(center(x, spec.input_size).flip(2).to(device), spec.mean, spec.std)
-        with autocast(device, amp):
-            outs.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
-    return torch.cat(outs) if outs else torch.zeros(0)
-
-
 # ------------------------------------------------------------------------------------------------ stage 2: fine-tune
 
 
 def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg: TrainConfig, order_gen, aug_gen,
-                    epoch: int, dist: Dist, amp, class_weights=None, sample_weights=None) -> dict[str, float]:
+                    epoch: int, dist: Dist, amp, class_weights=None, sample_weights=None,
+                    of: int = 0) -> dict[str, float]:
     model.train()
     if cfg.freeze_bn and not cfg.from_scratch:
         # Batch statistics of 32 images are noisy, and the probe's head was fitted to features normalised with the
@@ -345,7 +337,7 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
     global_batch = cfg.batch_size * dist.world
     batches = list(iterate(len(data), global_batch, shuffle=True, generator=order_gen,
                            drop_last=len(data) >= global_batch, weights=sample_weights))
-    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+    bar = tqdm(batches, desc=f"epoch {epoch}/{of or cfg.epochs}", unit="batch", leave=False,
                disable=not (cfg.progress and dist.main), file=sys.stderr)
     for idx in bar:
         idx = idx[dist.rank::dist.world]
@@ -477,6 +469,11 @@ def fit(cfg: TrainConfig) -> RunResult:
     history: list[dict[str, Any]] = []
     best_score: tuple[float, float] = (-1.0, -math.inf)
     best_state, best_epoch, stale, start_epoch = None, 0, 0, 1
+    if resumed is None and "val_loss" in probe_info:
+        # the probed model is epoch 0: a fine-tune that never beats it does not replace it
+        key = "val_macro_f1" if select_by == "macro_f1" else "val_acc"
+        best_score = (probe_info[key], -probe_info["val_loss"])
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if cfg.stages in ("finetune", "both") and cfg.epochs > 0:
         train_model: torch.nn.Module = model
         if dist.world > 1:
@@ -487,8 +484,9 @@ def fit(cfg: TrainConfig) -> RunResult:
         opt = torch.optim.AdamW(_param_groups(model, cfg.lr, cfg.weight_decay, not cfg.from_scratch))
         global_batch = cfg.batch_size * dist.world
         steps_per_epoch = max(1, len(train) // global_batch) if len(train) >= global_batch else 1
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
+        shape = WarmupCosine(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
+        epochs = cfg.epochs
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         order_gen = torch.Generator().manual_seed(cfg.seed)
         aug_gen = torch.Generator().manual_seed(cfg.seed + 1000 * (dist.rank + 1))
@@ -503,22 +501,26 @@ def fit(cfg: TrainConfig) -> RunResult:
             best_score = tuple(resumed["best_score"].tolist())  # type: ignore[assignment]
             best_state = resumed["best_state"] or None
             best_epoch, stale, start_epoch = int(resumed["best_epoch"]), int(resumed["stale"]), int(resumed["epoch"]) + 1
+            epochs = int(resumed["epochs"])
+            shape.total = steps_per_epoch * epochs
             log(f"resumed from {ckpt_path} after epoch {start_epoch - 1}")
 
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        epoch = start_epoch
+        while epoch <= epochs:
             if cfg.patience and stale >= cfg.patience:
                 break
+            t_epoch = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[-1]["lr"]}
             row.update(train_one_epoch(train_model, train, spec, opt, sched, scaler, device, cfg, order_gen, aug_gen,
                                        epoch, dist, amp, class_weights.to(device) if class_weights is not None else None,
-                                       sample_weights))
+                                       sample_weights, of=epochs))
             if len(val):
                 row.update(_val_row(model, val, spec, device, classes, amp))
             # best = highest validation accuracy (macro-F1 on imbalanced data), ties broken by the lower loss
             key = "val_macro_f1" if select_by == "macro_f1" else "val_acc"
             score = (row[key], -row["val_loss"]) if len(val) else (0.0, -row["train_loss"])
             history.append(row)
-            log(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
+            log(f"epoch {epoch}/{epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
                 + (f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.3f}  " if len(val) else "")
                 + f"{row['images_per_s']:.0f} img/s")
             if writer is not None:
@@ -531,6 +533,16 @@ def fit(cfg: TrainConfig) -> RunResult:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             else:
                 stale += 1
+            if cfg.time_limit and epoch == start_epoch:
+                # the first epoch tells how many fit: shorten the cosine so it still ends at 0 on the last one
+                left = cfg.time_limit * 60 - (time.perf_counter() - t_start)
+                fit_n = torch.tensor([epoch + int(left // max(time.perf_counter() - t_epoch, 1e-3))])
+                if dist.world > 1:  # every rank must agree, or DDP waits forever
+                    torch.distributed.all_reduce(fit_n, op=torch.distributed.ReduceOp.MIN)
+                if int(fit_n) < epochs:
+                    epochs = max(epoch, int(fit_n))
+                    shape.total = steps_per_epoch * epochs
+                    log(f"time limit {cfg.time_limit:g} min: {epochs} epochs fit")
             if dist.main:
                 save_checkpoint(ckpt_path, {
                     "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -538,13 +550,14 @@ def fit(cfg: TrainConfig) -> RunResult:
                     "order_gen": order_gen.get_state(), "aug_gen": _gather_states(aug_gen, dist),
                     "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
                     "best_score": torch.tensor(best_score, dtype=torch.float64), "best_state": best_state or {},
-                    "best_epoch": best_epoch, "stale": stale, "probe": json.dumps(probe_info),
+                    "best_epoch": best_epoch, "stale": stale, "probe": json.dumps(probe_info), "epochs": epochs,
                     "data_fingerprint": manifest.fingerprint(),
                 })
             else:
                 _gather_states(aug_gen, dist)
             if cfg.patience and stale >= cfg.patience:
                 log(f"early stop: no better validation score for {cfg.patience} epochs")
+            epoch += 1
         if best_state is not None:
             model.load_state_dict(best_state)
 
