@@ -28,8 +28,9 @@ def main() -> None:
     data = str(materialise_elpv())
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        for model, extra in (("efficientnet_lite0", {}), ("small_cnn", {"width": 32})):
-            r = fit(TrainConfig(data=data, model=model, img_size=args.img_size, epochs=100, time_limit=args.minutes,
+        # each at its own default resolution: 224 px for the ImageNet model, 128 px for the baseline
+        for model, extra in (("efficientnet_lite0", {"img_size": args.img_size}), ("small_cnn", {"width": 32})):
+            r = fit(TrainConfig(data=data, model=model, epochs=100, time_limit=args.minutes,
                                 patience=0, out=f"{out}/{model}", progress=False, **extra))
             v = r.metrics["val"]
             rows.append((model, r.metrics["epochs_run"], r.metrics["wall_time_s"], v["accuracy"],

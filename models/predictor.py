@@ -120,12 +120,14 @@ class Predictor:
         """The JSON-ready answer for one image: sorted calibrated top-k, and whether the model abstains."""
         threshold = self.artifact.threshold if threshold is None else threshold
         preds = self.top_k(probs, k)
-        out: dict[str, Any] = {"predictions": preds}
+        out: dict[str, Any] = {"predictions": preds, "abstained": False}
         if threshold is not None:
             out["abstained"] = bool(preds[0]["score"] < threshold)
+            out["threshold"] = float(threshold)
         return out
 
-    def predict(self, sources: Sequence[bytes | str | Path], top_k: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(self, sources: Sequence[bytes | str | Path], top_k: int = 5, batch_size: int = 32,
+                threshold: float | None = None) -> list[dict[str, Any]]:
         """Predict many images; a bad one gets {"error": problem, "detail": ...} in its place."""
         from .images import ImageError
 
@@ -140,5 +142,5 @@ class Predictor:
             chunk = good[start:start + batch_size]
             probs = self.probabilities(np.stack([a for _, a in chunk]))
             for (i, _), p in zip(chunk, probs):
-                results[i] = self.answer(p, top_k)
+                results[i] = self.answer(p, top_k, threshold)
         return results  # type: ignore[return-value]

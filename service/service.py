@@ -51,6 +51,7 @@ class Received:
     status: int = 0  # non-zero: the upload itself is bad (too large, not a file ...)
     error: str = ""
     detail: str = ""
+    whole_request: bool = False  # the request itself is bad (too large, no file, not multipart ...)
 
 
 def error_response(status: int, error: str, detail: Any = None) -> JSONResponse:
@@ -77,20 +78,23 @@ async def parse_upload(request, file_field: str, many: bool) -> tuple[list[Recei
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request, limit)
     if body is None:
-        return [], {}, Received(status=413, error="too_large", detail=f"the request is over {limit // (1024 * 1024)} MB")
+        return [], {}, Received(status=413, error="too_large", detail=f"the request is over {limit // (1024 * 1024)} MB",
+                                whole_request=True)
     if media.startswith("image/") or media == "application/octet-stream":
         # a convenience: curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' .../classify
         if len(body) > MAX_BYTES:
-            return [], {}, Received(status=413, error="too_large", detail=f"the image is over {MAX_BYTES} bytes")
+            return [], {}, Received(status=413, error="too_large", detail=f"the image is over {MAX_BYTES} bytes",
+                                    whole_request=True)
         return [Received(data=body)], dict(request.query_params), None
     if media not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return [], {}, Received(status=415, error="unsupported_media_type",
-                                detail=f"send multipart/form-data with a file field '{file_field}' (got {media or 'no content type'})")
+                                detail=f"send multipart/form-data with a file field '{file_field}' (got {media or 'no content type'})",
+                                whole_request=True)
     request._body = body  # starlette parses the form from the body we already read under the cap
     try:
         form = await request.form(max_files=MAX_FILES + 1, max_fields=100, max_part_size=1024 * 1024)
     except Exception as e:
-        return [], {}, Received(status=400, error="bad_request", detail=f"cannot parse the form: {e}")
+        return [], {}, Received(status=400, error="bad_request", detail=f"cannot parse the form: {e}", whole_request=True)
     files: list[Received] = []
     for item in form.getlist(file_field):
         if isinstance(item, str):
@@ -106,10 +110,24 @@ async def parse_upload(request, file_field: str, many: bool) -> tuple[list[Recei
     fields = {k: v for k, v in form.items() if isinstance(v, str) and k != file_field}
     await form.close()
     if not files:
-        return [], fields, Received(status=400, error="bad_request", detail=f"no file in the form field '{file_field}'")
+        return [], fields, Received(status=400, error="bad_request", detail=f"no file in the form field '{file_field}'",
+                                    whole_request=True)
     if len(files) > MAX_FILES:
-        return [], fields, Received(status=413, error="too_many_files", detail=f"at most {MAX_FILES} files per request")
+        return [], fields, Received(status=413, error="too_many_files", detail=f"at most {MAX_FILES} files per request",
+                                    whole_request=True)
     return files, fields, None
+
+
+def _parse_threshold(raw: Any) -> float | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        t = float(str(raw).strip().strip('"'))
+    except ValueError:
+        raise ValueError(f"threshold must be a number between 0 and 1, got {str(raw)[:40]!r}") from None
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {t}")
+    return t
 
 
 def _parse_top_k(raw: Any, default: int = 5) -> int:
@@ -125,17 +143,18 @@ def _parse_top_k(raw: Any, default: int = 5) -> int:
 
 
 class ClassifyInput(bentoml.IODescriptor):
-    """multipart: `image` (one file), optional `top_k`."""
+    """multipart: `image` (one file), optional `top_k`, optional `threshold` (overrides the model's abstention)."""
 
     image: Path
     top_k: int = 5
+    threshold: float | None = None
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003 - the serde is BentoML's, not used
         files, fields, problem = await parse_upload(request, "image", many=False)
         image = problem or (files[0] if len(files) == 1 else Received(status=400, error="bad_request",
                                                                       detail="send exactly one file as 'image'"))
-        return cls.model_construct(image=image, top_k=fields.get("top_k"))
+        return cls.model_construct(image=image, top_k=fields.get("top_k"), threshold=fields.get("threshold"))
 
 
 class ExplainInput(bentoml.IODescriptor):
@@ -153,15 +172,17 @@ class ExplainInput(bentoml.IODescriptor):
 
 
 class ClassifyBatchInput(bentoml.IODescriptor):
-    """multipart: `images` (several files), optional `top_k`."""
+    """multipart: `images` (several files), optional `top_k`, optional `threshold`."""
 
     images: list[Path]
     top_k: int = 5
+    threshold: float | None = None
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003
         files, fields, problem = await parse_upload(request, "images", many=True)
-        return cls.model_construct(images=[problem] if problem else files, top_k=fields.get("top_k"))
+        return cls.model_construct(images=[problem] if problem else files, top_k=fields.get("top_k"),
+                                   threshold=fields.get("threshold"))
 
 
 def _as_received(x: Any) -> Received:
@@ -204,7 +225,7 @@ class ImageClassifier:
         logger.info("pupil: loaded %s (%s, %s) in %.1fs", MODEL_TAG, a.spec.architecture, self.predictor.backend,
                     time.perf_counter() - t0)
 
-    def _classify_one(self, item: Received, top_k: int) -> tuple[int, dict[str, Any]]:
+    def _classify_one(self, item: Received, top_k: int, threshold: float | None) -> tuple[int, dict[str, Any]]:
         if item.status:
             return item.status, {"error": item.error, "detail": item.detail}
         try:
@@ -212,30 +233,38 @@ class ImageClassifier:
         except ImageError as e:
             return e.status, {"error": e.problem, "detail": e.detail}
         probs = self.predictor.probabilities(array[None])[0]
-        out = self.predictor.answer(probs, top_k)
+        out = self.predictor.answer(probs, top_k, threshold)
         out["model"] = self.model_info
         return 200, out
 
     @bentoml.api(route="/classify", input_spec=ClassifyInput)
-    def classify(self, image: Path, top_k: int = 5) -> dict:
-        """Top-k calibrated predictions for one image."""
+    def classify(self, image: Path, top_k: int = 5, threshold: float | None = None) -> dict:
+        """Top-k calibrated predictions for one image, and whether the model abstains ("not sure")."""
         try:
             k = _parse_top_k(top_k)
         except ValueError as e:
             return error_response(400, "bad_top_k", str(e))
-        status, body = self._classify_one(_as_received(image), k)
+        try:
+            t = _parse_threshold(threshold)
+        except ValueError as e:
+            return error_response(400, "bad_threshold", str(e))
+        status, body = self._classify_one(_as_received(image), k, t)
         return JSONResponse(body, status_code=status)
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput)
-    def classify_batch(self, images: list[Path], top_k: int = 5) -> list:
+    def classify_batch(self, images: list[Path], top_k: int = 5, threshold: float | None = None) -> list:
         """One answer per file, in order; a bad file gets its own error entry and the others still answer."""
         try:
             k = _parse_top_k(top_k)
         except ValueError as e:
             return error_response(400, "bad_top_k", str(e))
+        try:
+            t = _parse_threshold(threshold)
+        except ValueError as e:
+            return error_response(400, "bad_threshold", str(e))
         items = [_as_received(x) for x in images]
-        if len(items) == 1 and items[0].status and not items[0].filename and not items[0].data:
-            return error_response(items[0].status, items[0].error, items[0].detail)  # the request itself is bad
+        if len(items) == 1 and items[0].whole_request:
+            return error_response(items[0].status, items[0].error, items[0].detail)
         results: list[dict[str, Any] | None] = [None] * len(items)
         good: list[tuple[int, np.ndarray]] = []
         for i, item in enumerate(items):
@@ -250,7 +279,7 @@ class ImageClassifier:
             chunk = good[start:start + 16]
             probs = self.predictor.probabilities(np.stack([a for _, a in chunk]))
             for (i, _), p in zip(chunk, probs):
-                results[i] = {**self.predictor.answer(p, k), "model": self.model_info}
+                results[i] = {**self.predictor.answer(p, k, t), "model": self.model_info}
         for r, item in zip(results, items):
             if r is not None and item.filename:
                 r["filename"] = item.filename

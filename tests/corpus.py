@@ -72,6 +72,11 @@ def good_files() -> dict[str, tuple[bytes, tuple[int, int]]]:
     }
 
 
+def big_jpeg(w: int = 6000, h: int = 4000) -> bytes:
+    """A 24-megapixel JPEG, as from a phone or a DSLR."""
+    return _save(photo(w, h), "JPEG", quality=85)
+
+
 def png_with_bad_crc() -> bytes:
     data = bytearray(_save(photo(), "PNG"))
     idat = data.find(b"IDAT")

@@ -37,6 +37,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         "resume": "continue the run in --out from its last.pt (same settings, same result)",
         "batch_size": "images per step per process",
         "workers": "processes decoding images into the cache",
+        "abstain_precision": "confidence threshold chosen so accepted validation answers are this precise (0: off)",
         "time_limit": "minutes for the whole run (0: none); the epochs that fit are run, schedule intact",
     }
     for f in fields(cls):
@@ -94,21 +95,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.csv:
         fh = open(args.csv, "w", newline="", encoding="utf-8")
         writer = csv.writer(fh)
-        writer.writerow(["image", "label", "score", "error", "detail"] + [f"p_{c}" for c in pred.labels])
+        writer.writerow(["image", "label", "score", "abstained", "error", "detail"] + [f"p_{c}" for c in pred.labels])
     bar = tqdm(total=len(paths), unit="img", disable=writer is None or not sys.stderr.isatty(), file=sys.stderr)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
         k = len(pred.labels) if writer else args.top_k
-        for p, res in zip(chunk, pred.predict(chunk, top_k=k, batch_size=args.batch_size)):
+        for p, res in zip(chunk, pred.predict(chunk, top_k=k, batch_size=args.batch_size, threshold=args.threshold)):
             if "error" in res:
                 status = 1
             if writer is not None:
                 if "error" in res:
-                    writer.writerow([str(p), "", "", res["error"], res["detail"]] + [""] * len(pred.labels))
+                    writer.writerow([str(p), "", "", "", res["error"], res["detail"]] + [""] * len(pred.labels))
                 else:
                     by = {q["label"]: q["score"] for q in res["predictions"]}
                     top = res["predictions"][0]
-                    writer.writerow([str(p), top["label"], f"{top['score']:.6f}", "", ""]
+                    writer.writerow([str(p), top["label"], f"{top['score']:.6f}", res.get("abstained", ""), "", ""]
                                     + [f"{by[c]:.6f}" for c in pred.labels])
             else:
                 print(json.dumps({"image": str(p), **res}), flush=True)
@@ -189,6 +190,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import TOLERANCE, verify
+
+    try:
+        ok, report = verify(_artifact_dir(args.artifact), [Path(p) for p in args.images] or None,
+                            serve=not args.no_serve, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pupil verify: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"ok": ok, **report}))
+    if ok:
+        print(f"pupil verify: torch, ONNX{'' if args.no_serve else ' and the live service'} agree on "
+              f"{report['images']} images (top-1 identical, scores within {TOLERANCE:g})", file=sys.stderr)
+    return 0 if ok else 1
+
+
 def _artifact_dir(target: str) -> Path:
     p = Path(target)
     return p / "model" if (p / "model" / "config.json").is_file() else p
@@ -249,6 +266,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         print("pupil build: bentoml build failed", file=sys.stderr)
         return 1
     bento = r.stdout.strip().splitlines()[-1]
+    if Path(args.artifact).is_dir() and not args.no_verify:
+        from .verify import verify
+
+        try:
+            ok, report = verify(_artifact_dir(args.artifact), serve=False, log=lambda m: print(m, file=sys.stderr))
+        except ValueError as e:  # e.g. an artifact without its run's split: nothing to verify with
+            ok, report = True, {"images": 0}
+            print(f"pupil build: parity not verified ({e})", file=sys.stderr)
+        if not ok:
+            print("pupil build: the Bento was built, but parity verification failed (see above)", file=sys.stderr)
+            return 1
+        print(f"pupil build: torch and ONNX agree on {report['images']} images", file=sys.stderr)
     print(json.dumps({"bento": bento, "model": tag}))
     print(f"serve it: bentoml serve {bento}   |   container: bentoml containerize {bento}", file=sys.stderr)
     return 0
@@ -328,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--csv", help="write one row per image (top label, score, every class's probability) to this file")
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--threshold", type=float, help="abstain below this calibrated score (default: the artifact's)")
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="export the artifact to ONNX or TorchScript, checked against the torch output")
@@ -335,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     ex.add_argument("--out", help="output file (default: inside the artifact directory)")
     ex.set_defaults(func=cmd_export)
+
+    vf = sub.add_parser("verify", help="torch vs ONNX vs the live service on the same images: top-1 and scores agree")
+    vf.add_argument("artifact", help="artifact or run directory")
+    vf.add_argument("images", nargs="*", help="images (default: the run's validation images plus odd variants)")
+    vf.add_argument("--no-serve", action="store_true", help="skip the live-service leg")
+    vf.set_defaults(func=cmd_verify)
 
     cp = sub.add_parser("compare", help="a table of runs (e.g. transfer vs scratch): accuracy, macro-F1, ECE, time")
     cp.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
@@ -349,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="bentoml build of the service with this model (a Bento, ready to containerize)")
     b.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
+    b.add_argument("--no-verify", action="store_true", help="skip the torch/ONNX parity check after the build")
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("demo", help="the whole path on real solar-cell images: check, train, serve, one request")

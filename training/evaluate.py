@@ -177,3 +177,27 @@ def evaluate_folder(artifact_dir: str | Path, data: str | Path, out_dir: str | P
               "skipped": skipped_rows}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float = 0.95) -> dict[str, Any]:
+    """The lowest confidence threshold whose accepted predictions (top score >= threshold) are right at least
+    `target` of the time, with the coverage it leaves. If no threshold reaches the target, the one with the best
+    precision over at least 10 % of the images, flagged `met: false`."""
+    n = len(labels)
+    if n == 0 or target <= 0:
+        return {"threshold": None, "target_precision": target, "precision": None, "coverage": 1.0, "met": False}
+    conf = probs.max(1)
+    order = np.argsort(-conf, kind="stable")
+    correct = (probs.argmax(1) == labels)[order].astype(np.float64)
+    precision = np.cumsum(correct) / np.arange(1, n + 1)
+    ok = np.flatnonzero(precision >= target)
+    met = len(ok) > 0
+    if met:
+        i = int(ok.max())
+    else:
+        floor = max(1, int(np.ceil(0.1 * n)))
+        i = floor - 1 + int(np.argmax(precision[floor - 1:]))
+    t = float(conf[order][i])
+    accepted = conf >= t
+    return {"threshold": t, "target_precision": target, "met": bool(met),
+            "precision": float((probs.argmax(1) == labels)[accepted].mean()), "coverage": float(accepted.mean())}

@@ -44,7 +44,7 @@ from .data import (
     split_manifest,
     trainability,
 )
-from .evaluate import classification_metrics, evaluate_logits, fit_temperature
+from .evaluate import choose_threshold, classification_metrics, evaluate_logits, fit_temperature
 from .report import confident_mistakes, write_report
 
 
@@ -69,6 +69,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
     patience: int = 5  # early stopping: epochs without a better validation score (0 = off)
+    abstain_precision: float = 0.95  # the confidence threshold keeps accepted answers this precise (0 = never abstain)
     time_limit: float = 0.0  # minutes for the whole run (0 = none): fewer epochs, same schedule shape
     balance: str = "auto"  # auto | loss | sampler | none: class-weighted loss or sampling for imbalanced data
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU where it measured faster)
@@ -566,6 +567,13 @@ def fit(cfg: TrainConfig) -> RunResult:
         logits, y = predict_logits(model, val, spec, device, amp=amp)
         temperature = fit_temperature(logits, y)
         metrics = evaluate_logits(logits, y, classes, temperature)
+        metrics["abstention"] = choose_threshold(torch.softmax(logits / temperature, -1).numpy(), y.numpy(),
+                                                 cfg.abstain_precision)
+        a = metrics["abstention"]
+        if a["threshold"] is not None:
+            log(f"abstention: answers below {a['threshold']:.3f} confidence say 'not sure'; on validation the accepted "
+                f"{100 * a['coverage']:.0f}% are {100 * a['precision']:.1f}% right (target "
+                f"{100 * cfg.abstain_precision:.0f}%{'' if a['met'] else ', NOT reached'})")
     wall = time.perf_counter() - t_start
     summary = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece") if k in metrics}
     summary["val_images"] = len(val)
@@ -590,8 +598,10 @@ def fit(cfg: TrainConfig) -> RunResult:
     }
     artifact_dir = run_dir / "model"
     if dist.main:
+        abst = metrics.get("abstention", {})
         save_artifact(artifact_dir, model.cpu(), spec, classes, temperature=temperature, metrics=summary,
-                      extra={"data_fingerprint": manifest.fingerprint()})
+                      threshold=abst.get("threshold"), extra={"data_fingerprint": manifest.fingerprint(),
+                                                              "abstention": abst})
         (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
         mistakes = []
         if logits is not None:

@@ -187,6 +187,12 @@ def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes:
     cards += [(f"{k} accuracy", v) for k, v in metrics.get("top_k_accuracy", {}).items() if k != "top1"]
     parts.append("<div class=cards>" + "".join(f"<div class=card>{html.escape(k)}<b>{_fmt(v)}</b></div>"
                                                 for k, v in cards if v is not None) + "</div>")
+    ab = metrics.get("abstention") or {}
+    if ab.get("threshold") is not None:
+        parts.append(f"<p><b>Abstention:</b> answers with a calibrated score under {ab['threshold']:.3f} are flagged "
+                     f"<code>abstained</code> (\"not sure\"). On this split the accepted {100 * ab['coverage']:.1f}% "
+                     f"are {100 * ab['precision']:.1f}% right (target {100 * ab['target_precision']:.0f}%"
+                     f"{'' if ab['met'] else ', not reached: the model is not that precise at any threshold'}).</p>")
     if data_summary:
         parts.append("<h2>Data</h2>")
         counts = data_summary.get("counts", {})
