@@ -30,6 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from models.gradcam import gradcam, overlay, png_bytes
+from service.field_log import FieldLog
 from models.images import ImageError
 from models.predictor import Predictor
 
@@ -142,6 +143,18 @@ def _parse_top_k(raw: Any, default: int = 5) -> int:
     return k
 
 
+def _parse_options(top_k: Any, threshold: Any) -> tuple[int, float | None] | JSONResponse:
+    """(top_k, threshold) from the form, or the 400 response that says which one is wrong."""
+    try:
+        k = _parse_top_k(top_k)
+    except ValueError as e:
+        return error_response(400, "bad_top_k", str(e))
+    try:
+        return k, _parse_threshold(threshold)
+    except ValueError as e:
+        return error_response(400, "bad_threshold", str(e))
+
+
 class ClassifyInput(bentoml.IODescriptor):
     """multipart: `image` (one file), optional `top_k`, optional `threshold` (overrides the model's abstention)."""
 
@@ -222,6 +235,7 @@ class ImageClassifier:
         self.model_info = {"name": a.spec.architecture, "version": a.version, "tag": str(self.model_ref.tag)}
         size = a.spec.input_size
         self.predictor.probabilities(np.zeros((1, size, size, 3), dtype=np.uint8))  # warm-up before /readyz
+        self.field_log = FieldLog.from_env()
         logger.info("pupil: loaded %s (%s, %s) in %.1fs", MODEL_TAG, a.spec.architecture, self.predictor.backend,
                     time.perf_counter() - t0)
 
@@ -235,33 +249,27 @@ class ImageClassifier:
         probs = self.predictor.probabilities(array[None])[0]
         out = self.predictor.answer(probs, top_k, threshold)
         out["model"] = self.model_info
+        if self.field_log is not None:
+            self.field_log.record(item.data, item.filename, out)
         return 200, out
 
     @bentoml.api(route="/classify", input_spec=ClassifyInput)
     def classify(self, image: Path, top_k: int = 5, threshold: float | None = None) -> dict:
         """Top-k calibrated predictions for one image, and whether the model abstains ("not sure")."""
-        try:
-            k = _parse_top_k(top_k)
-        except ValueError as e:
-            return error_response(400, "bad_top_k", str(e))
-        try:
-            t = _parse_threshold(threshold)
-        except ValueError as e:
-            return error_response(400, "bad_threshold", str(e))
+        opts = _parse_options(top_k, threshold)
+        if isinstance(opts, JSONResponse):
+            return opts
+        k, t = opts
         status, body = self._classify_one(_as_received(image), k, t)
         return JSONResponse(body, status_code=status)
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput)
     def classify_batch(self, images: list[Path], top_k: int = 5, threshold: float | None = None) -> list:
         """One answer per file, in order; a bad file gets its own error entry and the others still answer."""
-        try:
-            k = _parse_top_k(top_k)
-        except ValueError as e:
-            return error_response(400, "bad_top_k", str(e))
-        try:
-            t = _parse_threshold(threshold)
-        except ValueError as e:
-            return error_response(400, "bad_threshold", str(e))
+        opts = _parse_options(top_k, threshold)
+        if isinstance(opts, JSONResponse):
+            return opts
+        k, t = opts
         items = [_as_received(x) for x in images]
         if len(items) == 1 and items[0].whole_request:
             return error_response(items[0].status, items[0].error, items[0].detail)
@@ -280,6 +288,8 @@ class ImageClassifier:
             probs = self.predictor.probabilities(np.stack([a for _, a in chunk]))
             for (i, _), p in zip(chunk, probs):
                 results[i] = {**self.predictor.answer(p, k, t), "model": self.model_info}
+                if self.field_log is not None:
+                    self.field_log.record(items[i].data, items[i].filename, results[i])
         for r, item in zip(results, items):
             if r is not None and item.filename:
                 r["filename"] = item.filename

@@ -58,3 +58,31 @@ def test_service_reports_abstention_and_accepts_a_threshold(server):
     r = httpx.post(f"{server.url}/classify", files={"image": ("g.png", buf.getvalue(), "image/png")},
                    data={"threshold": "2"})
     assert r.status_code == 400 and r.json()["error"] == "bad_threshold"
+
+
+def test_field_log_keeps_unsure_requests_as_a_folder_pupil_check_reads(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import Server
+
+    field = tmp_path / "field"
+    # log answers under 1.5: every answer, whatever the model's confidence
+    s = Server(trained_run, env={"PUPIL_FIELD_LOG": str(field), "PUPIL_FIELD_LOG_IMAGES": "1",
+                                 "PUPIL_FIELD_LOG_BELOW": "1.5"}).wait_ready()
+    try:
+        d = trained_run.parent / "data"
+        for c in ("red", "blue"):
+            for i in range(3):
+                img = (d / c / f"{c}_{i:03d}.png").read_bytes()
+                r = httpx.post(f"{s.url}/classify", files={"image": (f"{c}{i}.png", img, "image/png")})
+                assert r.status_code == 200
+    finally:
+        s.stop()
+    lines = [json.loads(x) for x in (field / "requests.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(x["image"] and x["predictions"] for x in lines)
+    assert {x["filename"] for x in lines} == {"red0.png", "red1.png", "red2.png", "blue0.png", "blue1.png", "blue2.png"}
+    r = subprocess.run([sys.executable, "-m", "training", "check", str(field / "images"), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["classes"] == {"blue": 3, "red": 3}

@@ -23,7 +23,8 @@ def test_build_then_serve_the_bento(trained_run, tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     bento, model_tag = out["bento"], out["model"]
     bento_dir = Path(os.environ["BENTOML_HOME"]) / "bentos" / bento.replace(":", "/")
-    assert (bento_dir / "env" / "docker" / "Dockerfile").is_file()
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert "USER bentoml" in dockerfile and "EXPOSE 3000" in dockerfile  # unprivileged, on the documented port
     assert (bento_dir / "src" / "service" / "ui.html").is_file()
     assert not (bento_dir / "src" / "tests").exists() and not (bento_dir / "src" / "training").exists()
     bento_yaml = (bento_dir / "bento.yaml").read_text()

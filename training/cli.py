@@ -30,6 +30,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         "width": "small_cnn only: channels of the first stage",
         "stages": "probe (head only, on cached features) | finetune | both",
         "probe_epochs": "full-batch steps of the linear probe",
+        "augment": "none | trivial (TrivialAugmentWide) | randaugment, on top of random-resized-crop + flip",
         "balance": "auto (on when the largest class is over 3x the smallest) | loss | sampler | none",
         "amp": "auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16",
         "compile": "torch.compile the model (pays on GPU)",

@@ -71,6 +71,7 @@ class TrainConfig:
     patience: int = 5  # early stopping: epochs without a better validation score (0 = off)
     abstain_precision: float = 0.95  # the confidence threshold keeps accepted answers this precise (0 = never abstain)
     time_limit: float = 0.0  # minutes for the whole run (0 = none): fewer epochs, same schedule shape
+    augment: str = "none"  # none | trivial | randaugment: extra photometric/geometric policy on top of crop + flip
     balance: str = "auto"  # auto | loss | sampler | none: class-weighted loss or sampling for imbalanced data
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU where it measured faster)
     freeze_bn: bool = True  # pretrained models: keep BatchNorm statistics fixed while fine-tuning (small batches)
@@ -326,6 +327,7 @@ def linear_probe(model, train: ImageSet, val: ImageSet, spec, device, cfg: Train
 def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg: TrainConfig, order_gen, aug_gen,
                     epoch: int, dist: Dist, amp, class_weights=None, sample_weights=None,
                     of: int = 0) -> dict[str, float]:
+    policy = make_policy(cfg.augment)
     model.train()
     if cfg.freeze_bn and not cfg.from_scratch:
         # Batch statistics of 32 images are noisy, and the probe's head was fitted to features normalised with the
@@ -344,8 +346,10 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
         idx = idx[dist.rank::dist.world]
         x, y = data.batch(idx)
         pin = device.type == "cuda"
-        x = (x.pin_memory() if pin else x).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = random_resized_crop_flip(x, spec.input_size, generator=aug_gen)
+        x = (x.pin_memory() if pin else x).to(device, non_blocking=True).permute(0, 3, 1, 2)
+        if policy is not None:
+            x = augment_policy(x, policy, aug_gen)
+        x = random_resized_crop_flip(x.float(), spec.input_size, generator=aug_gen)
         x = normalize(x.permute(0, 2, 3, 1).clamp_(0, 255), spec.mean, spec.std)
         y = (y.pin_memory() if pin else y).to(device, non_blocking=True)
         with autocast(device, amp):
@@ -367,6 +371,31 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
     dt = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "images_per_s": seen * dist.world / dt if dt else 0.0}
+
+
+def make_policy(name: str):
+    """torchvision's TrivialAugmentWide or RandAugment, applied per image to uint8 tensors (on the device)."""
+    if name == "none":
+        return None
+    from torchvision.transforms import v2
+
+    if name == "trivial":
+        return v2.TrivialAugmentWide()
+    if name == "randaugment":
+        return v2.RandAugment()
+    raise ValueError(f"--augment must be none, trivial or randaugment, not {name!r}")
+
+
+def augment_policy(x: torch.Tensor, policy, gen: torch.Generator) -> torch.Tensor:
+    """One independently drawn operation per image. torchvision draws from the global RNG, so it is seeded from our
+    augmentation generator for each batch: the run stays reproducible and resumable."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return torch.stack([policy(img) for img in x])
+    finally:
+        torch.set_rng_state(state)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
