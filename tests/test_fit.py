@@ -130,3 +130,26 @@ def test_time_limit_runs_only_the_epochs_that_fit(shapes_dir, tmp_path):
     assert time.time() - t0 < 60
     assert 2 <= r.metrics["epochs_run"] < 100_000
     assert r.history[-1]["lr"] < 0.2 * max(h["lr"] for h in r.history)  # the cosine still decays to the end
+
+
+def test_mixup_cutmix_and_small_cnn_depth(shapes_dir, tmp_path):
+    from training.fit import _beta, mix_batch
+
+    g = torch.Generator().manual_seed(0)
+    draws = [_beta(0.4, g) for _ in range(2000)]
+    assert 0.45 < sum(draws) / len(draws) < 0.55 and min(draws) < 0.05 and max(draws) > 0.95  # U-shaped, mean 1/2
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
+    mx, y2, lam = mix_batch(x, y, 0.0, 1.0, g)
+    changed = (mx != x).any(1).float().mean().item()
+    assert abs((1 - lam) - changed) < 0.15 and (y2 != y).any()  # the pasted area matches the label weight
+    r = fit(TrainConfig(data=str(shapes_dir), epochs=6, mixup=0.2, cutmix=1.0, out=str(tmp_path / "run"),
+                        **{**TINY, "depth": 3}))
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"] and r.metrics["val"]["accuracy"] >= 0.7
+
+
+def test_offline_hub_weights_fail_with_one_clear_line(shapes_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "training", "train", str(shapes_dir), "--model", "resnet18",
+                        "--pretrained", "hub", "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    assert "offline? use --pretrained PATH" in r.stderr and "Traceback" not in r.stderr

@@ -28,6 +28,9 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         "device": "auto | cpu | cuda | mps",
         "patience": "early stopping after N epochs without a better validation score (0: off)",
         "width": "small_cnn only: channels of the first stage",
+        "depth": "small_cnn only: number of conv-conv-maxpool stages",
+        "mixup": "mixup alpha (0: off)",
+        "cutmix": "cutmix alpha (0: off); with --mixup too, one of the two per batch",
         "stages": "probe (head only, on cached features) | finetune | both",
         "probe_epochs": "full-batch steps of the linear probe",
         "augment": "none | trivial (TrivialAugmentWide) | randaugment, on top of random-resized-crop + flip",
@@ -54,6 +57,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from models.pretrained import PretrainedError
+
     from .fit import DataError, TrainConfig, fit
 
     config_file = args.config
@@ -68,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     try:
         result = fit(cfg)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError, PretrainedError) as e:
         print(f"pupil train: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"run": str(result.run_dir), "artifact": str(result.artifact_dir),

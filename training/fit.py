@@ -67,6 +67,8 @@ class TrainConfig:
     lr: float = 0.0  # 0: 1e-3 for a pretrained model (backbone at lr/10), 3e-3 from scratch
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    mixup: float = 0.0  # Beta(a, a) mixing of image pairs (0 = off)
+    cutmix: float = 0.0  # Beta(a, a) pasting of a box from another image (0 = off); with both, one per batch
     warmup_epochs: float = 1.0
     patience: int = 5  # early stopping: epochs without a better validation score (0 = off)
     abstain_precision: float = 0.95  # the confidence threshold keeps accepted answers this precise (0 = never abstain)
@@ -85,6 +87,7 @@ class TrainConfig:
     max_pixels: int = 50_000_000
     limit_per_class: int = 0  # use at most this many training images per class (0 = all): quick trials
     width: int = 32  # small_cnn only: channels of its first stage
+    depth: int = 4  # small_cnn only: number of conv-conv-pool stages
     workers: int = 2  # processes decoding images for the cache (first run only)
     progress: bool = True
 
@@ -352,9 +355,13 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
         x = random_resized_crop_flip(x.float(), spec.input_size, generator=aug_gen)
         x = normalize(x.permute(0, 2, 3, 1).clamp_(0, 255), spec.mean, spec.std)
         y = (y.pin_memory() if pin else y).to(device, non_blocking=True)
+        x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, aug_gen)
         with autocast(device, amp):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=cfg.label_smoothing)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=class_weights,
+                                                                label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -371,6 +378,38 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
     dt = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "images_per_s": seen * dist.world / dt if dt else 0.0}
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019) on a normalised batch: (images, second labels, the
+    weight of the first labels). With both enabled, each batch gets one of them at random."""
+    if (mixup <= 0 and cutmix <= 0) or len(y) < 2:
+        return x, y, 1.0
+    use_cut = cutmix > 0 and (mixup <= 0 or bool(torch.rand(1, generator=gen) < 0.5))
+    a = cutmix if use_cut else mixup
+    lam = _beta(a, gen)
+    perm = torch.randperm(len(y), generator=gen).to(y.device)
+    if not use_cut:
+        return x * lam + x[perm] * (1 - lam), y[perm], lam
+    h, w = x.shape[-2:]
+    ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return x, y[perm], 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+def _beta(a: float, gen: torch.Generator) -> float:
+    """A Beta(a, a) draw from our own generator (torch.distributions would use the global RNG and break exact
+    resume), by Johnk's method: X = U^(1/a), Y = V^(1/a), accepted when X + Y <= 1, gives X / (X + Y)."""
+    u = torch.rand(2, generator=gen).clamp_(1e-6, 1 - 1e-6)
+    while True:
+        x, yv = float(u[0]) ** (1 / a), float(u[1]) ** (1 / a)
+        if x + yv <= 1.0 and x + yv > 0:
+            return x / (x + yv)
+        u = torch.rand(2, generator=gen).clamp_(1e-6, 1 - 1e-6)
 
 
 def make_policy(name: str):
@@ -448,7 +487,7 @@ def fit(cfg: TrainConfig) -> RunResult:
     classes = manifest.classes
 
     model, spec = create_model(cfg.model, len(classes), cfg.pretrained, img_size=cfg.img_size or None,
-                               **({"width": cfg.width} if cfg.model == "small_cnn" else {}))
+                               **({"width": cfg.width, "depth": cfg.depth} if cfg.model == "small_cnn" else {}))
     log(f"model: {spec.architecture}, {len(classes)} classes, {spec.input_size}px; weights: {spec.pretrained_source}")
     model = model.to(device).to(memory_format=torch.channels_last)
 
