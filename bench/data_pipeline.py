@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from bench.common import Timer, header, real_size_jpegs

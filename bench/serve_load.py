@@ -54,17 +54,12 @@ def make_artifact(path: Path) -> Path:
 
 
 def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
+    from training.demo import wait_ready
+
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server on {port} did not start: {cmd}")
+    wait_ready(f"http://127.0.0.1:{port}", proc, timeout=240)
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .factory import ModelSpec, build_from_spec

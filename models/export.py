@@ -80,25 +80,23 @@ def export_torchscript(artifact: Artifact, path: Path) -> float:
     return diff
 
 
+def onnx_current(art: Artifact) -> bool:
+    """True if the artifact's model.onnx exists, matches its recorded hash and was exported from these weights."""
+    if art.path is None or not (art.path / ONNX).is_file():
+        return False
+    rec = art.info.get("onnx") or {}
+    return bool(rec.get("sha256")) and rec.get("weights_sha256") == art.info.get("weights_sha256") \
+        and rec.get("sha256") == sha256_file(art.path / ONNX)
+
+
 def ensure_onnx(artifact_dir: str | Path) -> Path:
     """The artifact's model.onnx, exported (and recorded in config.json) if missing or not matching its record."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / ONNX
     art = load_artifact(artifact_dir)
-    recorded = _config_value(artifact_dir, "onnx_sha256")
-    if path.is_file() and recorded and sha256_file(path) == recorded and \
-            _config_value(artifact_dir, "onnx_weights_sha256") == art.info.get("weights_sha256"):
+    if onnx_current(art):
         return path
     diff = export_onnx(art, path)
     set_calibration(artifact_dir, onnx_sha256=sha256_file(path), onnx_parity_max_abs=diff,
                     onnx_weights_sha256=art.info.get("weights_sha256"))
     return path
-
-
-def _config_value(artifact_dir: Path, key: str):
-    import json
-
-    try:
-        return json.loads((artifact_dir / "config.json").read_text()).get(key)
-    except (OSError, ValueError):
-        return None

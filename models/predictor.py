@@ -67,26 +67,17 @@ class Predictor:
         self.max_pixels = max_pixels
         self.model = self.artifact.model.to(self.device).eval().to(memory_format=torch.channels_last)
         self.session = None
-        if backend == "auto":
-            backend = "onnx" if self.device.type == "cpu" and self._onnx_current() else "torch"
-        if backend == "onnx":
-            from .export import ONNX, onnx_session
+        if backend in ("auto", "onnx"):
+            from .export import ONNX, onnx_current, onnx_session
 
-            if not self._onnx_current():
+            current = onnx_current(self.artifact)
+            if backend == "auto":
+                backend = "onnx" if self.device.type == "cpu" and current else "torch"
+            elif not current:
                 raise FileNotFoundError(f"{self.artifact.path}/{ONNX} is missing or was not exported from these weights")
-            self.session = onnx_session(self.artifact.path / ONNX, threads)  # type: ignore[operator]
+            if backend == "onnx":
+                self.session = onnx_session(self.artifact.path / ONNX, threads)  # type: ignore[operator]
         self.backend = backend
-
-    def _onnx_current(self) -> bool:
-        """True if model.onnx exists, matches its recorded hash and was exported from these very weights."""
-        from .artifact import sha256_file
-        from .export import ONNX
-
-        if self.artifact.path is None or not (self.artifact.path / ONNX).is_file():
-            return False
-        rec = self.artifact.info.get("onnx") or {}
-        return (rec.get("weights_sha256") == self.artifact.info.get("weights_sha256")
-                and rec.get("sha256") == sha256_file(self.artifact.path / ONNX))
 
     @property
     def temperature(self) -> float:

@@ -155,6 +155,14 @@ def _parse_options(top_k: Any, threshold: Any) -> tuple[int, float | None] | JSO
         return error_response(400, "bad_threshold", str(e))
 
 
+async def _single_upload(request) -> tuple[Received, dict[str, str]]:
+    """The one file of an `image` field (or the reason there is none) and the other form fields."""
+    files, fields, problem = await parse_upload(request, "image", many=False)
+    image = problem or (files[0] if len(files) == 1 else Received(status=400, error="bad_request",
+                                                                  detail="send exactly one file as 'image'"))
+    return image, fields
+
+
 class ClassifyInput(bentoml.IODescriptor):
     """multipart: `image` (one file), optional `top_k`, optional `threshold` (overrides the model's abstention)."""
 
@@ -164,9 +172,7 @@ class ClassifyInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003 - the serde is BentoML's, not used
-        files, fields, problem = await parse_upload(request, "image", many=False)
-        image = problem or (files[0] if len(files) == 1 else Received(status=400, error="bad_request",
-                                                                      detail="send exactly one file as 'image'"))
+        image, fields = await _single_upload(request)
         return cls.model_construct(image=image, top_k=fields.get("top_k"), threshold=fields.get("threshold"))
 
 
@@ -178,9 +184,7 @@ class ExplainInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003
-        files, fields, problem = await parse_upload(request, "image", many=False)
-        image = problem or (files[0] if len(files) == 1 else Received(status=400, error="bad_request",
-                                                                      detail="send exactly one file as 'image'"))
+        image, fields = await _single_upload(request)
         return cls.model_construct(image=image, label=fields.get("label", ""))
 
 

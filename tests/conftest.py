@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -80,18 +79,14 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 180) -> "Server":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+        from training.demo import wait_ready
+
+        try:
+            wait_ready(self.url, self.proc, timeout)
+        except (RuntimeError, TimeoutError) as e:
+            self.stop()
+            raise type(e)(f"{e}:\n{self.log.read_text()[-3000:]}") from None
+        return self
 
     def alive(self) -> bool:
         return self.proc.poll() is None and httpx.get(f"{self.url}/livez", timeout=5).status_code == 200

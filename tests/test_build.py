@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -36,16 +35,13 @@ def test_build_then_serve_the_bento(trained_run, tmp_path):
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
+        from training.demo import wait_ready
+
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        try:
+            wait_ready(url, proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}: {proc.stderr.read().decode()[-3000:]}") from None
         img = (trained_run.parent / "data" / "red" / "red_007.png").read_bytes()
         resp = httpx.post(f"{url}/classify", files={"image": ("r.png", img, "image/png")})
         assert resp.status_code == 200, resp.text

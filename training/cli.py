@@ -149,7 +149,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
     from models.artifact import ArtifactError, load_artifact
-    from models.export import ONNX, TORCHSCRIPT, ExportError, ensure_onnx, export_torchscript
+    from models.export import TORCHSCRIPT, ExportError, ensure_onnx, export_torchscript
 
     art_dir = _artifact_dir(args.artifact)
     try:
