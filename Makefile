@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean container container-test
 
 setup: $(STAMP)
 
@@ -19,6 +19,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The service as a container image, without a Docker daemon (buildah; see README "Deploy"). ARTIFACT defaults to
+# the demo's model (trained by `make demo` when missing).
+ARTIFACT ?= runs/demo
+
+runs/demo/model/config.json:
+	$(MAKE) demo
+
+container: $(STAMP) $(if $(filter runs/demo,$(ARTIFACT)),runs/demo/model/config.json)
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq buildah debootstrap; }
+	$(BIN)/python -m service.container build $(ARTIFACT)
+
+container-test: container
+	$(BIN)/python -m service.container test
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -104,6 +104,9 @@ def load(url: str, items: list[tuple[str, bytes]], count: int, concurrency: int)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", default="40,160,160", help="requests at concurrency 1, 8, 32")
+    ap.add_argument("--sides", default="pupil,plain",
+                    help="what to load, in order: pupil (defaults), pupil-1thread (one request at a time per worker, "
+                         "BentoML's default), pupil-batched (PUPIL_BATCHING=on), plain")
     args = ap.parse_args()
     counts = dict(zip((1, 8, 32), map(int, args.counts.split(","))))
     header("serving: pupil vs a plain BentoML service, same model (efficientnet_lite0, 224px)")
@@ -115,12 +118,15 @@ def main() -> None:
         port = 3900
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
         base_env["BENTOML_HOME"] = str(Path(tmp) / "bentoml")
-        sides = {
-            "pupil": ([sys.executable, "-m", "training", "serve", str(art), "--port", str(port), "--host",
-                       "127.0.0.1"], base_env),
+        ours = [sys.executable, "-m", "training", "serve", str(art), "--port", str(port), "--host", "127.0.0.1"]
+        known = {
+            "pupil": (ours, base_env),
+            "pupil-1thread": (ours, {**base_env, "PUPIL_HANDLER_THREADS": "1"}),
+            "pupil-batched": (ours, {**base_env, "PUPIL_BATCHING": "on"}),
             "plain": ([sys.executable, "-m", "bentoml", "serve", "bench.plain_service:PlainClassifier", "--port",
                        str(port), "--host", "127.0.0.1"], {**base_env, "PLAIN_ARTIFACT": str(art)}),
         }
+        sides = {name: known[name] for name in args.sides.split(",")}
         for name, (cmd, env) in sides.items():
             proc = start(cmd, env, port)
             try:
@@ -128,12 +134,18 @@ def main() -> None:
                     results[(name, c)] = load(f"http://127.0.0.1:{port}/classify", items, n, c)
             finally:
                 stop(proc)
-    print(f"{'service':<8}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'service':<14}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for (name, c), r in results.items():
-        print(f"{name:<8}{c:>5}{r['rps']:>9.1f}{r['p50']:>9.0f}{r['p95']:>9.0f}{r['p99']:>9.0f}{r['errors']:>8}")
-    for c in counts:
-        print(f"concurrency {c}: pupil/plain requests/s = {results[('pupil', c)]['rps'] / results[('plain', c)]['rps']:.2f}x"
-              + ("   (target >= 3x at 8)" if c == 8 else ""))
+        print(f"{name:<14}{c:>5}{r['rps']:>9.1f}{r['p50']:>9.0f}{r['p95']:>9.0f}{r['p99']:>9.0f}{r['errors']:>8}")
+    names = list(sides)
+    base = "plain" if "plain" in sides else names[0]
+    for name in names:
+        if name == base:
+            continue
+        for c in counts:
+            print(f"concurrency {c}: {name}/{base} requests/s = "
+                  f"{results[(name, c)]['rps'] / results[(base, c)]['rps']:.2f}x"
+                  + ("   (target >= 3x at 8)" if c == 8 and (name, base) == ("pupil", "plain") else ""))
 
 
 if __name__ == "__main__":

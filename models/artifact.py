@@ -100,7 +100,7 @@ def save_artifact(
             "num_features": int(getattr(model, "num_features", 0)),
             "label_names": list(labels),
             "pretrained_cfg": {
-                "input_size": [3, spec.input_size, spec.input_size],
+                "input_size": [spec.in_chans, spec.input_size, spec.input_size],
                 "mean": list(spec.mean),
                 "std": list(spec.std),
                 "interpolation": spec.interpolation,

@@ -23,10 +23,10 @@ class ExportError(RuntimeError):
     pass
 
 
-def parity_inputs(size: int, n: int = 4, seed: int = 0) -> torch.Tensor:
+def parity_inputs(size: int, n: int = 4, seed: int = 0, chans: int = 3) -> torch.Tensor:
     """Normalised-range random inputs plus a flat image: what parity is measured on."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g)
+    x = torch.randn(n, chans, size, size, generator=g)
     x[0] = 0.0
     return x
 
@@ -35,7 +35,7 @@ def export_onnx(artifact: Artifact, path: Path) -> float:
     """Write an ONNX model (dynamic batch) and return the max |logit difference| vs torch on parity inputs."""
     model = artifact.model.cpu().float().eval()
     size = artifact.spec.input_size
-    x = parity_inputs(size)
+    x = parity_inputs(size, chans=artifact.spec.in_chans)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.onnx.export(model, (x[:1],), str(tmp), input_names=["input"], output_names=["logits"],
@@ -70,7 +70,7 @@ def onnx_parity(model: torch.nn.Module, onnx_path: Path, x: torch.Tensor) -> flo
 
 def export_torchscript(artifact: Artifact, path: Path) -> float:
     model = artifact.model.cpu().float().eval()
-    x = parity_inputs(artifact.spec.input_size)
+    x = parity_inputs(artifact.spec.input_size, chans=artifact.spec.in_chans)
     with torch.inference_mode():
         traced = torch.jit.trace(model, x[:1])
         diff = float((traced(x) - model(x)).abs().max())

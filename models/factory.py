@@ -26,6 +26,16 @@ class ModelSpec:
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained_source: str = "none"
 
+    @property
+    def in_chans(self) -> int:
+        """3 (RGB), or 1: a grayscale model whose input is the mean of the RGB channels (see normalize)."""
+        return len(self.mean)
+
+
+def gray_stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float], tuple[float]]:
+    """One channel's normalisation for a model whose pretrained stem filters were summed over RGB."""
+    return (sum(mean) / len(mean),), (sum(std) / len(std),)
+
 
 def create_model(
     arch: str,
@@ -39,7 +49,13 @@ def create_model(
     """Build `arch` with a head for `num_classes`; return the model and its ModelSpec.
 
     keep_head: load the pretrained classifier too (only meaningful with num_classes equal to the checkpoint's).
+    model_args may hold in_chans=1 for grayscale data: the pretrained stem's RGB filters are summed (timm's
+    adapt_input_conv), which on a gray image computes exactly what the RGB model computes on its replication.
     """
+    if model_args.get("in_chans", 3) not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, not {model_args['in_chans']}")
+    if model_args.get("in_chans") == 3:
+        model_args.pop("in_chans")
     if arch == SMALL_CNN:
         if pretrained not in ("none", "auto"):
             model = SmallCNN(num_classes=num_classes, **model_args)
@@ -50,8 +66,10 @@ def create_model(
         else:
             model, source = SmallCNN(num_classes=num_classes, **model_args), "none (trained from scratch)"
         size = img_size or 128
-        spec = ModelSpec(SMALL_CNN, num_classes, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                         "bilinear", 0.875, dict(model.model_args), source)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        if model_args.get("in_chans") == 1:
+            mean, std = gray_stats(mean, std)
+        spec = ModelSpec(SMALL_CNN, num_classes, size, mean, std, "bilinear", 0.875, dict(model.model_args), source)
         return model, spec
 
     import timm
@@ -75,8 +93,11 @@ def create_model(
         reset_head(model)
     cfg = model.pretrained_cfg
     size = img_size or cfg["input_size"][-1]
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if model_args.get("in_chans") == 1:
+        mean, std = gray_stats(mean, std)
     spec = ModelSpec(
-        name, num_classes, size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"),
+        name, num_classes, size, mean, std, cfg.get("interpolation", "bicubic"),
         float(cfg.get("crop_pct", 0.875)), dict(model_args), source,
     )
     return model, spec

@@ -37,11 +37,16 @@ def gradcam(model: torch.nn.Module, image: np.ndarray, mean: Sequence[float], st
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The heat map in matplotlib's 'jet' colours blended over the image: uint8 HxWx3."""
-    from matplotlib import colormaps
-
-    colours = (colormaps["jet"](heat)[..., :3] * 255).astype(np.float32)
+    """The heat map in 'jet' colours (blue, cyan, yellow, red) blended over the image: uint8 HxWx3."""
+    colours = jet(heat) * 255
     return (image.astype(np.float32) * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """The classic 'jet' colour map as float32 RGB in [0, 1] (piecewise linear; no matplotlib in the service)."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0, 1)[..., None]
+    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # red peaks at 3/4, green at 1/2, blue at 1/4
+    return np.clip(1.5 - np.abs(4 * x - centres), 0, 1).astype(np.float32)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

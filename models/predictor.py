@@ -14,6 +14,7 @@ import torch
 from .artifact import Artifact, load_artifact
 from .factory import ModelSpec
 from .images import DEFAULT_MAX_PIXELS, load_square
+from .runtime import in_batches
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -42,8 +43,11 @@ def center(a: np.ndarray | torch.Tensor, size: int):
 
 
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW (channels_last memory), normalised; runs on whatever device `batch` is on."""
+    """uint8 NHWC -> float NCHW (channels_last memory), normalised; runs on whatever device `batch` is on.
+    One mean/std value means a 1-channel model: the input is the mean of the RGB channels (a gray image's value)."""
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    if len(mean) == 1 and x.shape[1] != 1:
+        x = x.mean(dim=1, keepdim=True)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return x.sub_(m).div_(s).contiguous(memory_format=torch.channels_last)
@@ -58,8 +62,12 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         backend: str = "torch",
         threads: int | None = None,
+        tta: bool = False,
     ):
-        """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx)."""
+        """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx).
+        tta: test-time augmentation, the logits of the image and of its mirror image averaged (twice the compute)."""
+        self.tta = tta
+        self.batch_size = 1 << 30  # lowered for good if the GPU runs out of memory (models.runtime.in_batches)
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         self.spec = self.artifact.spec
         self.labels = self.artifact.labels
@@ -90,8 +98,13 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, arrays: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Raw logits for a uint8 NxHxWx3 batch already at the input size."""
+        """Raw logits for a uint8 NxHxWx3 batch already at the input size (with tta: averaged with the mirror's)."""
         batch = torch.as_tensor(arrays)
+        if self.tta:
+            return (self._logits(batch) + self._logits(batch.flip(2))) / 2
+        return self._logits(batch)
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         if self.session is not None:
             x = normalize(batch, self.spec.mean, self.spec.std).contiguous().numpy()
             return torch.from_numpy(self.session.run(["logits"], {"input": x})[0])
@@ -129,9 +142,10 @@ class Predictor:
                 good.append((i, self.load(src)))
             except ImageError as e:
                 results[i] = {"error": e.problem, "detail": e.detail}
-        for start in range(0, len(good), batch_size):
-            chunk = good[start:start + batch_size]
-            probs = self.probabilities(np.stack([a for _, a in chunk]))
-            for (i, _), p in zip(chunk, probs):
+        def run(start: int, stop: int) -> None:
+            chunk = good[start:stop]
+            for (i, _), p in zip(chunk, self.probabilities(np.stack([a for _, a in chunk]))):
                 results[i] = self.answer(p, top_k, threshold)
+
+        self.batch_size = in_batches(len(good), min(batch_size, self.batch_size), run)  # smaller after a GPU OOM
         return results  # type: ignore[return-value]

@@ -112,6 +112,13 @@ def load_into(model: nn.Module, arch: str, sd: dict[str, torch.Tensor], *, drop_
     missing = [k for k in target if k not in sd and (drop_head is False or k not in head)]
     if missing:
         raise PretrainedError(f"the weights lack {len(missing)} of the model's tensors, e.g. {missing[0]}")
+    for k, v in list(sd.items()):
+        t = target.get(k)
+        if t is not None and t.ndim == 4 and v.ndim == 4 and t.shape[1] != v.shape[1] \
+                and (t.shape[0], *t.shape[2:]) == (v.shape[0], *v.shape[2:]):
+            from timm.models import adapt_input_conv  # the stem of an in_chans=1 model: RGB filters summed
+
+            sd[k] = adapt_input_conv(t.shape[1], v)
     for k, v in sd.items():
         if k in target and target[k].shape != v.shape:
             raise PretrainedError(f"weights do not fit the model: {k} {tuple(v.shape)} vs {tuple(target[k].shape)}")

@@ -24,3 +24,26 @@ def ensure_allocator_env() -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], env)
     except OSError:
         pass  # run without it rather than not at all
+
+
+def in_batches(n: int, batch_size: int, run, log=None) -> int:
+    """Call run(start, stop) over [0, n) in slices of batch_size; on a CUDA out-of-memory error the slice is retried
+    at half the size (down to 1). Returns the batch size that worked, for the caller's next pass."""
+    import torch
+
+    start = 0
+    while start < n:
+        stop = min(n, start + batch_size)
+        try:
+            run(start, stop)
+        except torch.OutOfMemoryError:
+            if batch_size <= 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if log is not None:
+                log(f"out of GPU memory: evaluation batch size now {batch_size}")
+            continue
+        start = stop
+    return batch_size

@@ -11,7 +11,10 @@ a byte cap and hands the API raw bytes, so every bad input gets our JSON error w
 Settings (environment): PUPIL_MODEL_TAG (default pupil:latest), PUPIL_MAX_BYTES (20 MB), PUPIL_MAX_PIXELS (50 MP),
 PUPIL_MAX_FILES (64, for /classify_batch), PUPIL_DEVICE (auto), PUPIL_BACKEND (auto: ONNX Runtime on CPU, torch on
 GPU), PUPIL_THREADS (intra-op threads per request on CPU, default 1: concurrent requests use the other cores),
-PUPIL_WORKERS (server processes, default 1).
+PUPIL_WORKERS (server processes, default 1), PUPIL_TTA (1: average each image with its mirror image, twice the
+compute), PUPIL_BATCHING (auto: on for CUDA, off on CPU | on | off; concurrent /classify requests share a forward
+pass, service/batcher.py), PUPIL_MAX_BATCH (32), PUPIL_BATCH_WAIT_MS (5), PUPIL_HANDLER_THREADS (requests handled
+at once per worker; default one per core, or PUPIL_MAX_BATCH when batching).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from models.gradcam import gradcam, overlay, png_bytes
+from service.batcher import Batcher
 from service.field_log import FieldLog
 from models.images import ImageError
 from models.predictor import Predictor
@@ -219,9 +223,23 @@ async def _ui_page(request):  # noqa: ARG001
 ui_app = Starlette(routes=[Route("/", _ui_page)])
 
 
+def _handler_threads() -> int:
+    """How many requests a worker handles at once (BentoML runs sync endpoints in a pool of this size; its default,
+    1, serialises them). One per core on a CPU; with batching, enough for a full batch to queue up."""
+    if os.environ.get("PUPIL_HANDLER_THREADS"):
+        return max(1, int(os.environ["PUPIL_HANDLER_THREADS"]))
+    import torch
+
+    mode = os.environ.get("PUPIL_BATCHING", "auto")
+    batching = mode == "on" or (mode == "auto" and torch.cuda.is_available()
+                                and os.environ.get("PUPIL_DEVICE", "auto") in ("auto", "cuda"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(cores, int(os.environ.get("PUPIL_MAX_BATCH", 32))) if batching else cores
+
+
 @bentoml.asgi_app(ui_app, path="/ui")
 @bentoml.service(traffic={"timeout": 60, "max_concurrency": 128}, http={"port": 3000},
-                 workers=int(os.environ.get("PUPIL_WORKERS", 1)))
+                 workers=int(os.environ.get("PUPIL_WORKERS", 1)), threads=_handler_threads())
 class ImageClassifier:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
@@ -231,7 +249,8 @@ class ImageClassifier:
         try:
             self.predictor = Predictor(path, device=os.environ.get("PUPIL_DEVICE", "auto"), max_pixels=MAX_PIXELS,
                                        backend=os.environ.get("PUPIL_BACKEND", "auto"),
-                                       threads=int(os.environ.get("PUPIL_THREADS", 1)))
+                                       threads=int(os.environ.get("PUPIL_THREADS", 1)),
+                                       tta=os.environ.get("PUPIL_TTA", "0") not in ("", "0", "false"))
         except Exception as e:  # name the file at fault and refuse to start
             logger.error("pupil: cannot load the model %s from %s: %s", MODEL_TAG, path, e)
             raise
@@ -239,6 +258,11 @@ class ImageClassifier:
         self.model_info = {"name": a.spec.architecture, "version": a.version, "tag": str(self.model_ref.tag)}
         size = a.spec.input_size
         self.predictor.probabilities(np.zeros((1, size, size, 3), dtype=np.uint8))  # warm-up before /readyz
+        mode = os.environ.get("PUPIL_BATCHING", "auto")
+        self.batcher = None
+        if mode == "on" or (mode == "auto" and self.predictor.device.type == "cuda"):
+            self.batcher = Batcher(self.predictor.probabilities, max_batch=int(os.environ.get("PUPIL_MAX_BATCH", 32)),
+                                   wait_ms=float(os.environ.get("PUPIL_BATCH_WAIT_MS", 5)))
         self.field_log = FieldLog.from_env()
         logger.info("pupil: loaded %s (%s, %s) in %.1fs", MODEL_TAG, a.spec.architecture, self.predictor.backend,
                     time.perf_counter() - t0)
@@ -250,7 +274,7 @@ class ImageClassifier:
             array = self.predictor.load(item.data)
         except ImageError as e:
             return e.status, {"error": e.problem, "detail": e.detail}
-        probs = self.predictor.probabilities(array[None])[0]
+        probs = self.batcher(array) if self.batcher else self.predictor.probabilities(array[None])[0]
         out = self.predictor.answer(probs, top_k, threshold)
         out["model"] = self.model_info
         if self.field_log is not None:
@@ -335,6 +359,8 @@ class ImageClassifier:
             "model": self.model_info,
             "weights_sha256": a.info.get("weights_sha256"),
             "backend": self.predictor.backend,
+            "tta": self.predictor.tta,
+            "batching": self.batcher.stats() if self.batcher else None,
             "onnx_parity_max_abs": (a.info.get("onnx") or {}).get("parity_max_abs"),
             "created_at": a.info.get("created_at"),
             "pupil_version": a.info.get("pupil_version"),

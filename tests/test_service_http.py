@@ -6,6 +6,8 @@ import io
 import httpx
 from PIL import Image
 
+from tests.conftest import Server
+
 
 def _png(colour) -> bytes:
     buf = io.BytesIO()
@@ -154,3 +156,34 @@ def test_web_page_classifies_an_uploaded_image(server, trained_run, tmp_path):
         browser.close()
     assert errors == [] and top == "blue"
     assert (tmp_path / "ui.png").stat().st_size > 5000
+
+
+def test_adaptive_batching_answers_concurrent_requests_as_the_per_request_path_does(server, trained_run):
+    """PUPIL_BATCHING=on (the GPU default, forced here on the CPU): 32 concurrent /classify requests share forward
+    passes, and every answer equals the per-request server's, in the right order of scores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = trained_run.parent / "data"
+    images = [(d / c / f"{c}_{i:03d}.png").read_bytes() for i in range(16) for c in ("red", "blue")]
+    batched = Server(trained_run, env={"PUPIL_BATCHING": "on", "PUPIL_BATCH_WAIT_MS": "20"}).wait_ready()
+    try:
+        assert httpx.post(f"{server.url}/metadata").json()["batching"] is None  # CPU default: per request
+
+        def ask(url, data):
+            r = httpx.post(f"{url}/classify", files={"image": ("x.png", data, "image/png")}, timeout=60)
+            return r.status_code, r.json()
+
+        with ThreadPoolExecutor(32) as pool:
+            got = list(pool.map(lambda b: ask(batched.url, b), images))
+        want = [ask(server.url, b) for b in images]
+        for (s1, b1), (s2, b2) in zip(got, want):
+            assert s1 == s2 == 200
+            assert [p["label"] for p in b1["predictions"]] == [p["label"] for p in b2["predictions"]]
+            for p, q in zip(b1["predictions"], b2["predictions"]):
+                assert abs(p["score"] - q["score"]) < 1e-4
+        stats = httpx.post(f"{batched.url}/metadata").json()["batching"]
+        assert stats["images"] == 32 and stats["batches"] < 32 and stats["largest_batch"] > 1  # really shared
+        r = httpx.post(f"{batched.url}/classify", files={"image": ("x.png", b"not an image", "image/png")})
+        assert r.status_code == 400 and batched.alive()  # bad input never reaches the batch
+    finally:
+        batched.stop()

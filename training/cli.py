@@ -20,7 +20,12 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         "model": "timm architecture name, or small_cnn for the from-scratch baseline",
         "pretrained": "auto (bundled weights when a package ships them, else the hub) | none | hub | PATH to .safetensors/.pth",
         "img_size": "input size in pixels (0: the model's default)",
-        "lr": "peak learning rate (0: 1e-3 pretrained, backbone at lr/10; 3e-3 from scratch)",
+        "lr": "peak learning rate, or auto (the LR range test's suggestion, as `pupil lr-find` shows it; 0: 1e-3 "
+              "pretrained, backbone at lr/10; 3e-3 from scratch)",
+        "lr_find_steps": "steps of the learning-rate range test (lr-find, --lr auto)",
+        "ema": "keep an exponential moving average of the weights with this decay and validate/save it "
+               "(bare --ema: 0.999; 0: off)",
+        "in_chans": "1: a grayscale model, the pretrained stem's RGB filters summed; 3: RGB",
         "out": "run directory (default runs/<model>-<time>)",
         "cache_dir": "decode cache (default $PUPIL_CACHE or ~/.cache/pupil)",
         "limit_per_class": "use at most N training images per class (0: all), for quick trials",
@@ -34,15 +39,23 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         "stages": "probe (head only, on cached features) | finetune | both",
         "probe_epochs": "full-batch steps of the linear probe",
         "augment": "none | trivial (TrivialAugmentWide) | randaugment, on top of random-resized-crop + flip",
-        "balance": "auto (on when the largest class is over 3x the smallest) | loss | sampler | none",
+        "balance": "auto (class-balanced sampling when the largest class is over 3x the smallest) | sampler | "
+                   "loss (class-weighted) | none",
         "amp": "auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16",
         "compile": "torch.compile the model (pays on GPU)",
         "freeze_bn": "pretrained models: keep BatchNorm running statistics fixed while fine-tuning",
         "resume": "continue the run in --out from its last.pt (same settings, same result)",
-        "batch_size": "images per step per process",
+        "batch_size": "images per step per process, or auto (0): on CUDA the largest that fits, halved on "
+                      "out-of-memory; 32 on a CPU",
         "workers": "processes decoding images into the cache",
         "abstain_precision": "confidence threshold chosen so accepted validation answers are this precise (0: off)",
         "time_limit": "minutes for the whole run (0: none); the epochs that fit are run, schedule intact",
+    }
+    special = {
+        "lr": {"type": _number_or("auto", float, "auto")},
+        "batch_size": {"type": _number_or("auto", int, 0)},
+        "ema": {"type": float, "nargs": "?", "const": 0.999},
+        "in_chans": {"type": int, "choices": (1, 3)},
     }
     for f in fields(cls):
         if f.name == "data":
@@ -51,9 +64,24 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not MISSING else None
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
+        elif f.name in special:
+            p.add_argument(flag, default=None, help=f"{helps.get(f.name, '')} (default: {default})", **special[f.name])
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(flag, type=typ, default=None, help=f"{helps.get(f.name, '')} (default: {default})".strip())
+
+
+def _number_or(word: str, cast, value):
+    """An argparse type: a number, or `word` (which becomes `value`)."""
+    def parse(text: str):
+        if text == word:
+            return value
+        try:
+            return cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or {word!r}, not {text!r}") from None
+    parse.__name__ = f"number or {word}"
+    return parse
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -81,6 +109,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from models.pretrained import PretrainedError
+
+    from .fit import DataError, TrainConfig
+    from .tuning import run_lr_find
+
+    updates = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+               if f.name != "data" and getattr(args, f.name, None) is not None}
+    try:
+        print(json.dumps(run_lr_find(TrainConfig(**{**updates, "data": args.data}))))
+    except (DataError, FileNotFoundError, ValueError, PretrainedError) as e:
+        print(f"pupil lr-find: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from models.predictor import Predictor
 
@@ -90,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    pred = Predictor(_artifact_dir(args.artifact), device=args.device)
+    pred = Predictor(_artifact_dir(args.artifact), device=args.device, tta=args.tta)
     paths: list[Path] = []
     for item in args.images:
         p = Path(item)
@@ -133,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     art = _artifact_dir(args.artifact)
     out = Path(args.out) if args.out else (art.parent / f"eval-{Path(args.data).resolve().name}")
     try:
-        r = evaluate_folder(art, args.data, out, device=args.device)
+        r = evaluate_folder(art, args.data, out, device=args.device, tta=args.tta)
     except (ValueError, FileNotFoundError) as e:
         print(f"pupil evaluate: {e}", file=sys.stderr)
         return 2
@@ -261,11 +305,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         "cfg = yaml.safe_load(open(sys.argv[1]))\n"
         "cfg.setdefault('envs', []).append({'name': 'PUPIL_MODEL_TAG', 'value': sys.argv[2]})\n"
         "cfg['models'] = [sys.argv[2]]\n"
+        "if sys.argv[4]: cfg.setdefault('docker', {})['base_image'] = sys.argv[4]\n"
         "with tempfile.NamedTemporaryFile('w', suffix='.yaml') as f:\n"
         "    yaml.safe_dump(cfg, f); f.flush()\n"
         "    print(bentoml.bentos.build_bentofile(f.name, build_ctx=sys.argv[3]).tag)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(root / "bentofile.yaml"), tag, str(root)],
+    r = subprocess.run([sys.executable, "-c", code, str(root / "bentofile.yaml"), tag, str(root), args.base_image or ""],
                        env=_bentoml_env(tag), text=True, capture_output=True)
     if r.returncode != 0:
         print(r.stderr, file=sys.stderr)
@@ -349,11 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
 
+    lf = sub.add_parser("lr-find", help="learning-rate range test: a plot and a suggested --lr (what --lr auto uses)")
+    lf.add_argument("data", help="the folder you will train on")
+    _add_config_flags(lf, TrainConfig)
+    lf.set_defaults(func=cmd_lr_find)
+
     ev = sub.add_parser("evaluate", help="metrics and report of an artifact on a folder (e.g. a held-out test set)")
     ev.add_argument("artifact", help="an artifact directory (runs/NAME/model) or a run directory")
     ev.add_argument("data", help="class-per-folder images (a test/ or val/ split inside is used if present)")
     ev.add_argument("--out", help="where to write metrics.json and report.html (default: runs/NAME/eval-<folder>)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image")
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="classify images (files or folders); one JSON object per line")
@@ -364,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--csv", help="write one row per image (top label, score, every class's probability) to this file")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--threshold", type=float, help="abstain below this calibrated score (default: the artifact's)")
+    pr.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image")
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="export the artifact to ONNX or TorchScript, checked against the torch output")
@@ -392,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="bentoml build of the service with this model (a Bento, ready to containerize)")
     b.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
     b.add_argument("--no-verify", action="store_true", help="skip the torch/ONNX parity check after the build")
+    b.add_argument("--base-image", default=None,
+                   help="the container's FROM (default python:3.11-slim); `make container` passes its local "
+                        "Debian bookworm image so that nothing is pulled from a registry")
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("demo", help="the whole path on real solar-cell images: check, train, serve, one request")

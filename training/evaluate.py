@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.runtime import in_batches
+
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
     """One scalar T minimising the NLL of softmax(logits / T) on held-out data (Guo et al., 2017)."""
@@ -121,7 +123,7 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
 
 
 def evaluate_folder(artifact_dir: str | Path, data: str | Path, out_dir: str | Path, *, device: str = "auto",
-                    batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+                    batch_size: int = 32, progress: bool = False, tta: bool = False) -> dict[str, Any]:
     """Metrics and the report of an artifact on a folder (class-per-folder, or its test/ or val/ split).
 
     Images go through the Predictor, the same decode and crop as `pupil predict` and the service."""
@@ -131,7 +133,7 @@ def evaluate_folder(artifact_dir: str | Path, data: str | Path, out_dir: str | P
     from .data import scan
     from .report import confident_mistakes, write_report
 
-    pred = Predictor(artifact_dir, device=device)
+    pred = Predictor(artifact_dir, device=device, tta=tta)
     m = scan(data)
     split = next((s for s in ("test", "val") if m.presplit and m.usable(s)), None)
     records = m.usable(split) if split else m.usable()
@@ -145,7 +147,10 @@ def evaluate_folder(artifact_dir: str | Path, data: str | Path, out_dir: str | P
 
     def flush() -> None:
         if batch:
-            logits.append(pred.logits(np.stack([a for _, a in batch])))
+            stacked = np.stack([a for _, a in batch])
+            nonlocal batch_size  # halved for good if the GPU runs out of memory
+            batch_size = in_batches(len(stacked), batch_size,
+                                    lambda i, j: logits.append(pred.logits(stacked[i:j])))
             batch.clear()
 
     for r in records:
@@ -159,7 +164,7 @@ def evaluate_folder(artifact_dir: str | Path, data: str | Path, out_dir: str | P
         arrays.append(a)
         labels.append(pred.labels.index(r.label))
         paths.append(r.path)
-        if len(batch) == batch_size:
+        if len(batch) >= batch_size:
             flush()
     flush()
     if not labels:
@@ -173,7 +178,7 @@ def evaluate_folder(artifact_dir: str | Path, data: str | Path, out_dir: str | P
     skipped_rows = [{"path": s.path, "problem": s.problem, "detail": s.detail} for s in skipped]
     write_report(out_dir, title=f"pupil evaluation: {Path(artifact_dir)} on {data}", metrics=metrics,
                  classes=pred.labels, data_summary={"counts": counts, "skipped": skipped_rows}, mistakes=mistakes)
-    result = {"artifact": str(artifact_dir), "data": str(data), "split": split or "all", "metrics": metrics,
+    result = {"artifact": str(artifact_dir), "data": str(data), "split": split or "all", "tta": tta, "metrics": metrics,
               "skipped": skipped_rows}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

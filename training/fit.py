@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from models import create_model, save_artifact
 from models.predictor import center, normalize, pick_device, resize_size
+from models.runtime import in_batches
 
 from .data import (
     DecodeCache,
@@ -46,6 +47,7 @@ from .data import (
 )
 from .evaluate import choose_threshold, classification_metrics, evaluate_logits, fit_temperature
 from .report import confident_mistakes, write_report
+from .tuning import auto_batch_size, lr_range_test, plot_lr_find
 
 
 class DataError(RuntimeError):
@@ -63,8 +65,11 @@ class TrainConfig:
     epochs: int = 10
     probe_epochs: int = 100  # full-batch steps of the linear probe on cached features
     img_size: int = 0  # 0: the model's default (224 for efficientnet_lite0, 128 for small_cnn)
-    batch_size: int = 32  # per process (under torchrun the global batch is this times the number of processes)
-    lr: float = 0.0  # 0: 1e-3 for a pretrained model (backbone at lr/10), 3e-3 from scratch
+    batch_size: int = 32  # per process (under torchrun the global batch is this times the number of processes); 0 = auto
+    lr: float | str = 0.0  # 0: 1e-3 pretrained (backbone at lr/10), 3e-3 from scratch; "auto": the LR range test's
+    lr_find_steps: int = 100  # steps of the learning-rate range test (pupil lr-find, --lr auto)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept (0 = off)
+    in_chans: int = 3  # 1: a grayscale model (pretrained stem filters summed over RGB); 3: RGB
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     mixup: float = 0.0  # Beta(a, a) mixing of image pairs (0 = off)
@@ -95,8 +100,12 @@ class TrainConfig:
         c = copy.copy(self)
         if not c.out:
             c.out = str(Path("runs") / f"{c.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if isinstance(c.lr, str) and c.lr != "auto":
+            c.lr = float(c.lr)
         if not c.lr:
             c.lr = 3e-3 if self.from_scratch else 1e-3
+        if not 0.0 <= c.ema < 1.0:
+            raise ValueError(f"--ema is a decay in [0, 1), e.g. 0.999, not {c.ema}")
         if self.from_scratch:
             c.stages = "finetune"
         if c.stages not in ("probe", "finetune", "both"):
@@ -225,15 +234,17 @@ def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretra
 def _balance(mode: str, labels: np.ndarray, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
     """(class weights for the loss, per-sample weights for the sampler, the selection metric).
 
-    auto switches to a class-weighted loss when the largest class is over 3x the smallest; then the best epoch is
-    chosen by macro-F1, since accuracy rewards ignoring the small classes."""
+    auto switches to class-balanced sampling when the largest class is over 3x the smallest; then the best epoch is
+    chosen by macro-F1, since accuracy rewards ignoring the small classes. Sampling, not loss weights: on 10:1 data
+    (8 seeds, BENCHMARKS.md) balanced sampling had the best mean macro-F1 and a weighted loss the worst, below doing
+    nothing (a minority image weighted 10x makes the fine-tune's steps erratic)."""
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     present = counts[counts > 0]
     imbalanced = len(present) > 1 and present.max() > 3 * present.min()
     if mode == "auto":
-        mode = "loss" if imbalanced else "none"
+        mode = "sampler" if imbalanced else "none"
         if imbalanced:
-            log(f"imbalance {present.max() / present.min():.1f}x: class-weighted loss, best epoch by macro-F1 "
+            log(f"imbalance {present.max() / present.min():.1f}x: class-balanced sampling, best epoch by macro-F1 "
                 "(--balance none to switch off)")
     if mode == "none":
         return None, None, "accuracy"
@@ -265,13 +276,16 @@ def predict_logits(model, data: ImageSet, spec, device, batch_size: int = 64, am
     """Logits (or pooled features) of the centre crop, exactly the Predictor's geometry, for every image of a set."""
     model.eval()
     outs, ys = [], []
-    for idx in iterate(len(data), batch_size, shuffle=False):
-        x, y = data.batch(idx)
+
+    def run(start: int, stop: int) -> None:
+        x, y = data.batch(np.arange(start, stop))
         x = normalize(center(x, spec.input_size).to(device, non_blocking=True), spec.mean, spec.std)
         with autocast(device, amp):
             out = model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
         outs.append(out.float().cpu())
         ys.append(y)
+
+    in_batches(len(data), batch_size, run, log)
     if not outs:
         width = getattr(model, "num_features", 0) if pre_logits else spec.num_classes
         return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
@@ -327,10 +341,7 @@ def linear_probe(model, train: ImageSet, val: ImageSet, spec, device, cfg: Train
 # ------------------------------------------------------------------------------------------------ stage 2: fine-tune
 
 
-def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg: TrainConfig, order_gen, aug_gen,
-                    epoch: int, dist: Dist, amp, class_weights=None, sample_weights=None,
-                    of: int = 0) -> dict[str, float]:
-    policy = make_policy(cfg.augment)
+def train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.train()
     if cfg.freeze_bn and not cfg.from_scratch:
         # Batch statistics of 32 images are noisy, and the probe's head was fitted to features normalised with the
@@ -338,6 +349,26 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def training_batch(data: ImageSet, idx: np.ndarray, spec, device, policy, aug_gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images idx of the set, augmented on the device (policy, random-resized crop, flip) and normalised."""
+    x, y = data.batch(idx)
+    pin = device.type == "cuda"
+    x = (x.pin_memory() if pin else x).to(device, non_blocking=True).permute(0, 3, 1, 2)
+    if policy is not None:
+        x = augment_policy(x, policy, aug_gen)
+    x = random_resized_crop_flip(x.float(), spec.input_size, generator=aug_gen)
+    x = normalize(x.permute(0, 2, 3, 1).clamp_(0, 255), spec.mean, spec.std)
+    y = (y.pin_memory() if pin else y).to(device, non_blocking=True)
+    return x, y
+
+
+def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg: TrainConfig, order_gen, aug_gen,
+                    epoch: int, dist: Dist, amp, class_weights=None, sample_weights=None,
+                    of: int = 0, after_step=None) -> dict[str, float]:
+    policy = make_policy(cfg.augment)
+    train_mode(model, cfg)
     seen, loss_sum, correct = 0, 0.0, 0
     t0 = time.perf_counter()
     global_batch = cfg.batch_size * dist.world
@@ -346,15 +377,7 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
     bar = tqdm(batches, desc=f"epoch {epoch}/{of or cfg.epochs}", unit="batch", leave=False,
                disable=not (cfg.progress and dist.main), file=sys.stderr)
     for idx in bar:
-        idx = idx[dist.rank::dist.world]
-        x, y = data.batch(idx)
-        pin = device.type == "cuda"
-        x = (x.pin_memory() if pin else x).to(device, non_blocking=True).permute(0, 3, 1, 2)
-        if policy is not None:
-            x = augment_policy(x, policy, aug_gen)
-        x = random_resized_crop_flip(x.float(), spec.input_size, generator=aug_gen)
-        x = normalize(x.permute(0, 2, 3, 1).clamp_(0, 255), spec.mean, spec.std)
-        y = (y.pin_memory() if pin else y).to(device, non_blocking=True)
+        x, y = training_batch(data, idx[dist.rank::dist.world], spec, device, policy, aug_gen)
         x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, aug_gen)
         with autocast(device, amp):
             logits = model(x)
@@ -369,6 +392,8 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if after_step is not None:  # the weight EMA's update
+            after_step(sched.last_epoch)
         n = len(y)
         seen += n
         loss_sum += float(loss.detach()) * n
@@ -470,15 +495,21 @@ def _reproducibility(cfg: TrainConfig, device: torch.device, dist: Dist, amp) ->
     }
 
 
-def fit(cfg: TrainConfig) -> RunResult:
-    cfg = cfg.resolved()
-    t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    dist, device = setup_distributed(pick_device(cfg.device))
-    amp = amp_dtype(device, cfg.amp)
-    log(f"device: {device} ({str(amp).replace('torch.', '') if amp else 'fp32'})"
-        + (f", {dist.world} processes (DDP)" if dist.world > 1 else ""))
+@dataclass
+class Prepared:
+    """What training needs before its first step: the split, the model, and the decoded images."""
 
+    manifest: Manifest
+    classes: list[str]
+    model: torch.nn.Module
+    spec: Any
+    train: ImageSet
+    val: ImageSet
+    skipped: list
+
+
+def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
+    """Scan and split the folder, build the model (on the device), decode every image once into the cache."""
     manifest = split_manifest(scan(cfg.data, max_pixels=cfg.max_pixels), cfg.val_split, cfg.seed)
     reason = trainability(manifest)
     if reason:
@@ -486,9 +517,12 @@ def fit(cfg: TrainConfig) -> RunResult:
     _limit(manifest, cfg.limit_per_class, cfg.seed)
     classes = manifest.classes
 
-    model, spec = create_model(cfg.model, len(classes), cfg.pretrained, img_size=cfg.img_size or None,
-                               **({"width": cfg.width, "depth": cfg.depth} if cfg.model == "small_cnn" else {}))
-    log(f"model: {spec.architecture}, {len(classes)} classes, {spec.input_size}px; weights: {spec.pretrained_source}")
+    extra: dict[str, Any] = {"width": cfg.width, "depth": cfg.depth} if cfg.model == "small_cnn" else {}
+    if cfg.in_chans != 3:
+        extra["in_chans"] = cfg.in_chans
+    model, spec = create_model(cfg.model, len(classes), cfg.pretrained, img_size=cfg.img_size or None, **extra)
+    log(f"model: {spec.architecture}, {len(classes)} classes, {spec.input_size}px"
+        f"{', 1 channel (gray)' if spec.in_chans == 1 else ''}; weights: {spec.pretrained_source}")
     model = model.to(device).to(memory_format=torch.channels_last)
 
     used = [f for f in manifest.usable() if f.split in ("train", "val")]
@@ -512,8 +546,31 @@ def fit(cfg: TrainConfig) -> RunResult:
     if len(train) == 0:
         raise DataError("no usable training image after decoding")
     log(f"data: {len(train)} train, {len(val)} val images; classes {manifest.counts('train')}")
+    return Prepared(manifest, classes, model, spec, train, val, skipped)
+
+
+def fit(cfg: TrainConfig) -> RunResult:
+    cfg = cfg.resolved()
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    dist, device = setup_distributed(pick_device(cfg.device))
+    amp = amp_dtype(device, cfg.amp)
+    log(f"device: {device} ({str(amp).replace('torch.', '') if amp else 'fp32'})"
+        + (f", {dist.world} processes (DDP)" if dist.world > 1 else ""))
+
+    prep = prepare(cfg, dist, device)
+    manifest, classes, model, spec, train, val, skipped = (prep.manifest, prep.classes, prep.model, prep.spec,
+                                                           prep.train, prep.val, prep.skipped)
 
     class_weights, sample_weights, select_by = _balance(cfg.balance, train.labels, len(classes))
+    if cfg.batch_size <= 0:
+        cfg.batch_size = auto_batch_size(model, spec, device, amp, len(train))
+        if dist.world > 1:  # every rank the same
+            b = torch.tensor([cfg.batch_size], device=device)
+            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
+            cfg.batch_size = int(b)
+        log(f"batch size {cfg.batch_size} (auto: " + ("the largest power of two that fits on the GPU)"
+                                                     if device.type == "cuda" else "the CPU default)"))
     run_dir = Path(cfg.out)
     ckpt_path = run_dir / "last.pt"
     if dist.main:
@@ -534,6 +591,23 @@ def fit(cfg: TrainConfig) -> RunResult:
         probe_info = json.loads(resumed["probe"])
     elif cfg.stages in ("probe", "both"):
         probe_info = linear_probe(model, train, val, spec, device, cfg, classes, class_weights, amp)
+
+    lr_find: dict[str, Any] = {}
+    if cfg.lr == "auto" and cfg.stages in ("finetune", "both") and cfg.epochs > 0:
+        if resumed is not None:
+            lr_find = json.loads(resumed.get("lr_find", "{}"))
+        else:
+            lr_find = lr_range_test(model, train, spec, device, cfg, amp, class_weights, steps=cfg.lr_find_steps)
+            if dist.world > 1:  # rank 0's suggestion for everyone
+                lr_t = torch.tensor([lr_find["suggested_lr"]], dtype=torch.float64, device=device)
+                torch.distributed.broadcast(lr_t, 0)
+                lr_find["suggested_lr"] = float(lr_t)
+            if dist.main:
+                plot_lr_find(lr_find, run_dir / "lr_find.png", f"{spec.architecture}: learning-rate range test",
+                             pretrained=not cfg.from_scratch)
+        cfg.lr = lr_find["suggested_lr"]
+        log(f"--lr auto: {cfg.lr:.2g} (range test over {len(lr_find['lrs'])} steps: smoothed loss lowest at "
+            f"{lr_find['min_loss_lr']:.2g}, a tenth of that; plot {run_dir / 'lr_find.png'})")
 
     history: list[dict[str, Any]] = []
     best_score: tuple[float, float] = (-1.0, -math.inf)
@@ -559,6 +633,17 @@ def fit(cfg: TrainConfig) -> RunResult:
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         order_gen = torch.Generator().manual_seed(cfg.seed)
         aug_gen = torch.Generator().manual_seed(cfg.seed + 1000 * (dist.rank + 1))
+        ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            # validated, selected and saved in place of the raw weights; warm-up so short runs are not stuck at
+            # the starting point (decay 1 - (1 + step)^(-2/3), capped at --ema)
+            ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True)
+            if resumed is not None and resumed.get("ema"):
+                ema.module.load_state_dict(resumed["ema"])
+        judged = ema.module if ema is not None else model
+        after_step = (lambda step: ema.update(model, step=step)) if ema is not None else None
         if resumed is not None:
             opt.load_state_dict(resumed["optimizer"])
             sched.load_state_dict(resumed["scheduler"])
@@ -580,11 +665,24 @@ def fit(cfg: TrainConfig) -> RunResult:
                 break
             t_epoch = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[-1]["lr"]}
-            row.update(train_one_epoch(train_model, train, spec, opt, sched, scaler, device, cfg, order_gen, aug_gen,
-                                       epoch, dist, amp, class_weights.to(device) if class_weights is not None else None,
-                                       sample_weights, of=epochs))
+            try:
+                row.update(train_one_epoch(train_model, train, spec, opt, sched, scaler, device, cfg, order_gen,
+                                           aug_gen, epoch, dist, amp,
+                                           class_weights.to(device) if class_weights is not None else None,
+                                           sample_weights, of=epochs, after_step=after_step))
+            except torch.OutOfMemoryError:
+                if cfg.batch_size <= 1 or dist.world > 1:  # under DDP the other ranks would wait forever
+                    raise
+                cfg.batch_size //= 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                global_batch = cfg.batch_size * dist.world
+                steps_per_epoch = max(1, len(train) // global_batch) if len(train) >= global_batch else 1
+                shape.total = sched.last_epoch + steps_per_epoch * (epochs - epoch + 1)
+                log(f"out of GPU memory in epoch {epoch}: batch size now {cfg.batch_size}, the epoch runs again")
+                continue
             if len(val):
-                row.update(_val_row(model, val, spec, device, classes, amp))
+                row.update(_val_row(judged, val, spec, device, classes, amp))
             # best = highest validation accuracy (macro-F1 on imbalanced data), ties broken by the lower loss
             key = "val_macro_f1" if select_by == "macro_f1" else "val_acc"
             score = (row[key], -row["val_loss"]) if len(val) else (0.0, -row["train_loss"])
@@ -599,7 +697,7 @@ def fit(cfg: TrainConfig) -> RunResult:
                 writer.flush()
             if score > best_score:
                 best_score, best_epoch, stale = score, epoch, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in judged.state_dict().items()}
             else:
                 stale += 1
             if cfg.time_limit and epoch == start_epoch:
@@ -620,7 +718,8 @@ def fit(cfg: TrainConfig) -> RunResult:
                     "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
                     "best_score": torch.tensor(best_score, dtype=torch.float64), "best_state": best_state or {},
                     "best_epoch": best_epoch, "stale": stale, "probe": json.dumps(probe_info), "epochs": epochs,
-                    "data_fingerprint": manifest.fingerprint(),
+                    "data_fingerprint": manifest.fingerprint(), "lr_find": json.dumps(lr_find),
+                    "ema": ema.module.state_dict() if ema is not None else {},
                 })
             else:
                 _gather_states(aug_gen, dist)
@@ -649,6 +748,10 @@ def fit(cfg: TrainConfig) -> RunResult:
         "model": spec.architecture,
         "pretrained": spec.pretrained_source,
         "stages": cfg.stages,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "ema": cfg.ema,
+        "lr_find": {k: lr_find[k] for k in ("suggested_lr", "min_loss_lr", "steepest_lr", "diverged") if k in lr_find},
         "classes": classes,
         "counts": {s: manifest.counts(s) for s in ("train", "val")},
         "best_epoch": best_epoch,
