@@ -594,9 +594,9 @@ def fit(cfg: TrainConfig) -> RunResult:
 
     lr_find: dict[str, Any] = {}
     if cfg.lr == "auto" and cfg.stages in ("finetune", "both") and cfg.epochs > 0:
-        if resumed is not None:
-            lr_find = json.loads(resumed.get("lr_find", "{}"))
-        else:
+        if resumed is not None:  # the rate the interrupted run found
+            lr_find = json.loads(resumed.get("lr_find") or "{}")
+        if not lr_find:
             lr_find = lr_range_test(model, train, spec, device, cfg, amp, class_weights, steps=cfg.lr_find_steps)
             if dist.world > 1:  # rank 0's suggestion for everyone
                 lr_t = torch.tensor([lr_find["suggested_lr"]], dtype=torch.float64, device=device)
