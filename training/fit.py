@@ -364,6 +364,16 @@ def training_batch(data: ImageSet, idx: np.ndarray, spec, device, policy, aug_ge
     return x, y
 
 
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, opt, scaler) -> None:
+    """Backward (loss-scaled for fp16), gradient norm clipped at 5, step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    scaler.step(opt)
+    scaler.update()
+
+
 def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg: TrainConfig, order_gen, aug_gen,
                     epoch: int, dist: Dist, amp, class_weights=None, sample_weights=None,
                     of: int = 0, after_step=None) -> dict[str, float]:
@@ -385,12 +395,7 @@ def train_one_epoch(model, data: ImageSet, spec, opt, sched, scaler, device, cfg
             if lam < 1.0:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=class_weights,
                                                                 label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        scaler.step(opt)
-        scaler.update()
+        optimizer_step(model, loss, opt, scaler)
         sched.step()
         if after_step is not None:  # the weight EMA's update
             after_step(sched.last_epoch)

@@ -28,7 +28,7 @@ def lr_range_test(model: torch.nn.Module, train: ImageSet, spec, device: torch.d
                   class_weights: torch.Tensor | None = None, steps: int = 100, start: float = 1e-7,
                   end: float = 1.0, diverge: float = 4.0, smoothing: float = 0.9) -> dict[str, Any]:
     """Run the range test on a copy of `model`; return lrs, raw and smoothed losses, and the suggestion."""
-    from .fit import _param_groups, autocast, make_policy, train_mode, training_batch
+    from .fit import _param_groups, autocast, make_policy, optimizer_step, train_mode, training_batch
 
     net = copy.deepcopy(model)
     # lr=1 gives each group its ratio to the peak rate (head 1, pretrained backbone 1/10)
@@ -54,12 +54,7 @@ def lr_range_test(model: torch.nn.Module, train: ImageSet, spec, device: torch.d
             with autocast(device, amp):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(net, loss, opt, scaler)
             value = float(loss.detach())
             avg = smoothing * avg + (1 - smoothing) * value
             s = avg / (1 - smoothing ** (len(lrs) + 1))  # bias-corrected, like Adam's moments
