@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +203,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def curl(url: str, *args: str, show: bool = False) -> tuple[str, bytes, str]:
+    """(HTTP status, body, content type) of one curl request: what a user would type."""
+    if show:
+        say("curl " + " ".join([*args, url]))
+    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code} %{content_type}", *args, url],
+                         capture_output=True, timeout=120).stdout
+    body, _, tail = out.rpartition(b"\n")
+    status, _, kind = tail.decode().partition(" ")
+    return status, body, kind.split(";")[0].strip()
+
+
 def sample_image() -> Path:
     """A real photograph-like image: one ELPV solar cell from the installed data set."""
     from training.demo import elpv_root
@@ -212,7 +222,7 @@ def sample_image() -> Path:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from training.demo import free_port
+    from training.demo import free_port, wait_ready
 
     require_tools("buildah", "curl")
     image = args.image or f"{IMAGE}:latest"
@@ -242,42 +252,37 @@ def cmd_test(args: argparse.Namespace) -> int:
         t0 = time.time()
         proc = subprocess.Popen(buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", ctr, "--", ENTRYPOINT),
                                 start_new_session=True)
-        deadline = time.time() + args.timeout
-        while True:
-            if proc.poll() is not None:
-                print(f"pupil container: the service exited with code {proc.returncode}", file=sys.stderr)
-                return 1
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                print(f"pupil container: not ready within {args.timeout}s", file=sys.stderr)
-                return 1
-            time.sleep(1)
+        try:
+            wait_ready(url, proc, args.timeout)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"pupil container: {e}", file=sys.stderr)
+            return 1
         say(f"ready in {time.time() - t0:.0f}s")
         picture = Path(args.sample) if args.sample else sample_image()
-        cmd = ["curl", "-sS", "-w", "\n%{http_code}", "-F", f"image=@{picture}", f"{url}/classify"]
-        say(" ".join(cmd))
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        body, _, status = out.stdout.rpartition("\n")
-        print(body)
-        meta = json.loads(subprocess.run(["curl", "-sS", "-X", "POST", f"{url}/metadata"], capture_output=True,
-                                         text=True, timeout=60).stdout or "{}")
+        status, body, _ = curl(f"{url}/classify", "-F", f"image=@{picture}", show=True)
+        print(body.decode())
+        meta = json.loads(curl(f"{url}/metadata", "-X", "POST")[1] or b"{}")
         try:
             answer = json.loads(body)
         except json.JSONDecodeError:
             answer = {}
         labels = set(meta.get("classes") or [])
-        top = answer.get("predictions") or answer.get("top_k") or []
+        top = answer.get("predictions") or []
         if status != "200":
             problems.append(f"/classify answered HTTP {status}")
         elif not top or not labels or any(p.get("label") not in labels for p in top):
             problems.append("/classify did not return labels of the model")
         elif abs(sum(p["score"] for p in top) - 1) > 1e-3 and len(top) == len(labels):
             problems.append("scores do not sum to one")
+        # the other routes' dependencies are in the image too: a Grad-CAM PNG, and a clean 4xx for a bad file
+        status, body, kind = curl(f"{url}/explain", "-F", f"image=@{picture}", show=True)
+        if status != "200" or not body.startswith(b"\x89PNG") or kind != "image/png":
+            problems.append(f"/explain answered HTTP {status} ({kind}), not a PNG")
+        junk = WORK / "not-an-image.jpg"
+        junk.write_bytes(b"this is not a JPEG")
+        status, body, _ = curl(f"{url}/classify", "-F", f"image=@{junk}", show=True)
+        if status != "400" or b'"error"' not in body:
+            problems.append(f"a corrupt upload got HTTP {status}, not a 400 JSON error")
         if problems:
             print("pupil container: FAILED: " + "; ".join(problems), file=sys.stderr)
             return 1
