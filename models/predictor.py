@@ -63,15 +63,22 @@ class Predictor:
         backend: str = "torch",
         threads: int | None = None,
         tta: bool = False,
+        amp: str = "auto",
     ):
         """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx).
-        tta: test-time augmentation, the logits of the image and of its mirror image averaged (twice the compute)."""
+        tta: test-time augmentation, the logits of the image and of its mirror image averaged (twice the compute).
+        amp: auto (bf16, or fp16 where bf16 is not supported, autocast on CUDA; fp32 elsewhere) | off."""
         self.tta = tta
         self.batch_size = 1 << 30  # lowered for good if the GPU runs out of memory (models.runtime.in_batches)
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         self.spec = self.artifact.spec
         self.labels = self.artifact.labels
         self.device = pick_device(device)
+        self.amp: torch.dtype | None = None
+        if amp == "auto" and self.device.type == "cuda":
+            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif amp not in ("auto", "off"):
+            raise ValueError(f"amp must be auto or off, not {amp!r}")
         self.max_pixels = max_pixels
         self.model = self.artifact.model.to(self.device).eval().to(memory_format=torch.channels_last)
         self.session = None
@@ -109,7 +116,8 @@ class Predictor:
             x = normalize(batch, self.spec.mean, self.spec.std).contiguous().numpy()
             return torch.from_numpy(self.session.run(["logits"], {"input": x})[0])
         x = normalize(batch.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
-        return self.model(x).float().cpu()
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return self.model(x).float().cpu()
 
     def probabilities(self, arrays: np.ndarray | torch.Tensor) -> np.ndarray:
         """Calibrated class probabilities (softmax of logits / temperature)."""

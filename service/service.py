@@ -12,7 +12,7 @@ Settings (environment): PUPIL_MODEL_TAG (default pupil:latest), PUPIL_MAX_BYTES 
 PUPIL_MAX_FILES (64, for /classify_batch), PUPIL_DEVICE (auto), PUPIL_BACKEND (auto: ONNX Runtime on CPU, torch on
 GPU), PUPIL_THREADS (intra-op threads per request on CPU, default 1: concurrent requests use the other cores),
 PUPIL_WORKERS (server processes, default 1), PUPIL_TTA (1: average each image with its mirror image, twice the
-compute), PUPIL_BATCHING (auto: on for CUDA, off on CPU | on | off; concurrent /classify requests share a forward
+compute), PUPIL_AMP (auto: bf16/fp16 autocast on CUDA | off), PUPIL_BATCHING (auto: on for CUDA, off on CPU | on | off; concurrent /classify requests share a forward
 pass, service/batcher.py), PUPIL_MAX_BATCH (32), PUPIL_BATCH_WAIT_MS (5), PUPIL_HANDLER_THREADS (requests handled
 at once per worker; default one per core, or PUPIL_MAX_BATCH when batching).
 """
@@ -250,7 +250,8 @@ class ImageClassifier:
             self.predictor = Predictor(path, device=os.environ.get("PUPIL_DEVICE", "auto"), max_pixels=MAX_PIXELS,
                                        backend=os.environ.get("PUPIL_BACKEND", "auto"),
                                        threads=int(os.environ.get("PUPIL_THREADS", 1)),
-                                       tta=os.environ.get("PUPIL_TTA", "0") not in ("", "0", "false"))
+                                       tta=os.environ.get("PUPIL_TTA", "0") not in ("", "0", "false"),
+                                       amp=os.environ.get("PUPIL_AMP", "auto"))
         except Exception as e:  # name the file at fault and refuse to start
             logger.error("pupil: cannot load the model %s from %s: %s", MODEL_TAG, path, e)
             raise
@@ -360,6 +361,7 @@ class ImageClassifier:
             "weights_sha256": a.info.get("weights_sha256"),
             "backend": self.predictor.backend,
             "tta": self.predictor.tta,
+            "amp": str(self.predictor.amp).replace("torch.", "") if self.predictor.amp else "fp32",
             "batching": self.batcher.stats() if self.batcher else None,
             "onnx_parity_max_abs": (a.info.get("onnx") or {}).get("parity_max_abs"),
             "created_at": a.info.get("created_at"),

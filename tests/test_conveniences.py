@@ -80,6 +80,9 @@ def _trained_artifact(shapes_dir: Path, tmp_path: Path) -> Path:
 def test_tta_averages_the_image_and_its_mirror(shapes_dir, tmp_path):
     art = _trained_artifact(shapes_dir, tmp_path)
     plain, tta = Predictor(art, device="cpu"), Predictor(art, device="cpu", tta=True)
+    assert plain.amp is None  # autocast is for CUDA only
+    with pytest.raises(ValueError):
+        Predictor(art, device="cpu", amp="fp8")
     arrays = np.stack([plain.load(p) for p in sorted(shapes_dir.rglob("*.png"))[:6]])
     expected = (plain.logits(arrays) + plain.logits(arrays[:, :, ::-1].copy())) / 2
     torch.testing.assert_close(tta.logits(arrays), expected)

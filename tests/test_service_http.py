@@ -167,7 +167,8 @@ def test_adaptive_batching_answers_concurrent_requests_as_the_per_request_path_d
     images = [(d / c / f"{c}_{i:03d}.png").read_bytes() for i in range(16) for c in ("red", "blue")]
     batched = Server(trained_run, env={"PUPIL_BATCHING": "on", "PUPIL_BATCH_WAIT_MS": "20"}).wait_ready()
     try:
-        assert httpx.post(f"{server.url}/metadata").json()["batching"] is None  # CPU default: per request
+        meta = httpx.post(f"{server.url}/metadata").json()
+        assert meta["batching"] is None and meta["amp"] == "fp32"  # CPU defaults: per request, fp32
 
         def ask(url, data):
             r = httpx.post(f"{url}/classify", files={"image": ("x.png", data, "image/png")}, timeout=60)
