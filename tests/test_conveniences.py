@@ -44,6 +44,7 @@ def test_lr_find_cli_suggests_a_rate_that_trains_and_lr_auto_uses_it(shapes_dir,
     assert run.metrics["lr"] == pytest.approx(found["suggested_lr"])
     assert run.metrics["lr_find"]["suggested_lr"] == pytest.approx(found["suggested_lr"])
     assert (tmp_path / "run" / "lr_find.png").is_file()
+    assert "LR range test" in (tmp_path / "run" / "report.html").read_text()
     losses = [h["train_loss"] for h in run.history]
     assert min(losses[1:]) < losses[0], losses
     assert run.metrics["val"]["accuracy"] > 0.6  # chance is 0.5

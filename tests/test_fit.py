@@ -109,18 +109,21 @@ def test_ddp_on_two_gloo_processes_writes_one_loadable_artifact(tmp_path):
     data = make_shapes_folder(tmp_path / "data", n=24)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training",
-           *_train_cmd(data, out)[3:]]
+           *_train_cmd(data, out)[3:], "--lr", "auto", "--lr-find-steps", "20", "--ema", "0.9"]
     cmd[cmd.index("--epochs") + 1] = "3"
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes (DDP)" in r.stderr
     assert r.stderr.count("wrote ") == 1  # only rank 0 writes
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.yaml", "confusion.png", "curves.png", "last.pt", "metrics.json", "model", "reliability.png",
-        "report.html", "split.json", "tb"]  # written once, no stray temporary files
+        "config.yaml", "confusion.png", "curves.png", "last.pt", "lr_find.png", "metrics.json", "model",
+        "reliability.png", "report.html", "split.json", "tb"]  # written once, no stray temporary files
     art = load_artifact(out / "model")
     assert art.labels == ["blue", "red"]
-    assert json.loads((out / "metrics.json").read_text())["reproducibility"]["processes"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reproducibility"]["processes"] == 2
+    # --lr auto and --ema under DDP: rank 0's suggestion is broadcast, the plot written once
+    assert metrics["lr"] == metrics["lr_find"]["suggested_lr"] and metrics["ema"] == 0.9
 
 
 def test_time_limit_runs_only_the_epochs_that_fit(shapes_dir, tmp_path):

@@ -785,7 +785,8 @@ def fit(cfg: TrainConfig) -> RunResult:
             mistakes = confident_mistakes(model, spec, probs, val.labels, classes, val.paths,
                                           lambda i: center(val.batch(np.array([i]))[0][0], spec.input_size).numpy())
         report = write_report(run_dir, title=f"pupil run {run_dir.name}: {spec.architecture}", metrics=metrics,
-                              classes=classes, history=history, config={**asdict(cfg), "probe": probe_info},
+                              classes=classes, history=history,
+                              config={**asdict(cfg), "probe": probe_info, "lr_find": out["lr_find"]},
                               data_summary={"counts": out["counts"], "skipped": out["skipped"]}, mistakes=mistakes)
         log(f"report: {report}")
         log(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))

@@ -206,6 +206,10 @@ def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes:
                                 ["file", "problem", "detail"]))
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "training curves"))
+    lr_plot = out_dir / "lr_find.png"
+    if lr_plot.is_file() and config and config.get("lr_find"):
+        parts.append(f"<h2>Learning rate</h2><p><code>--lr auto</code> chose {config['lr']:.3g}: a tenth of the rate "
+                     f"where the range test's smoothed loss was lowest.</p>" + _img(lr_plot.read_bytes(), "LR range test"))
     if n:
         per = metrics["per_class"]
         parts.append("<h2>Per class</h2>")
