@@ -28,6 +28,12 @@ def test_build_then_serve_the_bento(trained_run, tmp_path):
     assert not (bento_dir / "src" / "tests").exists() and not (bento_dir / "src" / "training").exists()
     bento_yaml = (bento_dir / "bento.yaml").read_text()
     assert model_tag in bento_yaml and "PUPIL_MODEL_TAG" in bento_yaml
+    # the image gets the versions tested here, whatever bentofile.yaml or the index's newest release say
+    import importlib.metadata as md
+
+    locked = (bento_dir / "env" / "python" / "requirements.txt").read_text().lower().splitlines()
+    for name in ("bentoml", "timm", "torch", "onnxruntime"):
+        assert f"{name}=={md.version(name)}" in locked, (name, locked)
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PUPIL_MODEL_TAG"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -290,6 +291,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def pin_installed(packages: list[str]) -> list[str]:
+    """`name==version` for each requirement, with the version installed in this environment where there is one.
+
+    `bentoml` itself is left out: BentoML adds the running version to every Bento.
+    """
+    import importlib.metadata as md
+
+    pinned = []
+    for req in packages:
+        name = re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0]
+        if name.lower() == "bentoml":
+            continue
+        try:
+            pinned.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError:
+            pinned.append(req)
+    return pinned
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -300,9 +320,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 2
     root = Path(__file__).resolve().parent.parent
     # bentofile.yaml plus the model pinned: `models:` packs it, PUPIL_MODEL_TAG makes the container load it
+    # and every package pinned to the version installed here, the one the tests and `pupil verify` ran (a pin in
+    # bentofile.yaml that drifted from this environment made uv's lock fail, or shipped an untested version)
     code = (
         "import sys, tempfile, yaml, bentoml\n"
+        "from training.cli import pin_installed\n"
         "cfg = yaml.safe_load(open(sys.argv[1]))\n"
+        "cfg['python']['packages'] = pin_installed(cfg['python']['packages'])\n"
         "cfg.setdefault('envs', []).append({'name': 'PUPIL_MODEL_TAG', 'value': sys.argv[2]})\n"
         "cfg['models'] = [sys.argv[2]]\n"
         "if sys.argv[4]: cfg.setdefault('docker', {})['base_image'] = sys.argv[4]\n"
