@@ -11,7 +11,8 @@ equivalent uv.toml, and bind-mounts it, the local index folders and the CA bundl
 (nothing about this machine's network ends up in the repository or in the image).
 
 `test` starts the image's entrypoint with `buildah run --isolation chroot` on a free port (the host's network),
-waits for /readyz, classifies a real image with curl, checks the JSON and stops the container.
+waits for /readyz, classifies a real image with curl and checks the JSON, checks that /explain returns a PNG and a
+corrupt upload a 400 JSON error, and stops the container.
 
 Not part of the Bento (bentofile.yaml excludes it).
 """

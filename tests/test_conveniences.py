@@ -78,6 +78,20 @@ def _trained_artifact(shapes_dir: Path, tmp_path: Path) -> Path:
     return fit(TrainConfig(data=str(shapes_dir), epochs=2, patience=0, out=str(tmp_path / "run"), **TINY)).artifact_dir
 
 
+@pytest.mark.parametrize("argv, ema, data", [
+    (["train", "--ema", "photos"], 0.999, "photos"),   # bare --ema before DATA must not swallow the folder
+    (["train", "photos", "--ema"], 0.999, "photos"),
+    (["train", "--ema", "0.9", "photos"], 0.9, "photos"),
+    (["train", "--ema", "--epochs", "2", "photos"], 0.999, "photos"),
+    (["train", "photos"], None, "photos"),
+])
+def test_ema_flag_takes_an_optional_decay_anywhere_on_the_line(argv, ema, data):
+    from training.cli import _bare_ema, build_parser
+
+    args = build_parser().parse_args(_bare_ema(argv))
+    assert (args.ema, args.data) == (ema, data)
+
+
 def test_tta_averages_the_image_and_its_mirror(shapes_dir, tmp_path):
     art = _trained_artifact(shapes_dir, tmp_path)
     plain, tta = Predictor(art, device="cpu"), Predictor(art, device="cpu", tta=True)

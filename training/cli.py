@@ -16,6 +16,9 @@ from pathlib import Path
 from models.runtime import ALLOCATOR_ENV, ensure_allocator_env
 
 
+BARE_EMA = 0.999  # the decay a bare --ema means
+
+
 def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
     helps = {
         "model": "timm architecture name, or small_cnn for the from-scratch baseline",
@@ -55,7 +58,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
     special = {
         "lr": {"type": _number_or("auto", float, "auto")},
         "batch_size": {"type": _number_or("auto", int, 0)},
-        "ema": {"type": float, "nargs": "?", "const": 0.999},
+        "ema": {"type": float, "nargs": "?", "const": BARE_EMA},
         "in_chans": {"type": int, "choices": (1, 3)},
     }
     for f in fields(cls):
@@ -483,10 +486,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bare_ema(argv: list[str]) -> list[str]:
+    """`--ema` takes an optional decay; a bare `--ema` before DATA would swallow the folder as its value."""
+    out = list(argv)
+    for i, a in enumerate(out[:-1]):
+        if a == "--ema":
+            try:
+                float(out[i + 1])
+            except ValueError:
+                out[i] = f"--ema={BARE_EMA}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         ensure_allocator_env()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_bare_ema(sys.argv[1:] if argv is None else argv))
     return int(args.func(args) or 0)
 
 
