@@ -292,6 +292,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         return 0
     finally:
         if proc is not None and proc.poll() is None:
+            say("stopping the container (buildah then reports the SIGTERM as `exit status 1`)")
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
