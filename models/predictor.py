@@ -123,6 +123,17 @@ class Predictor:
         """Calibrated class probabilities (softmax of logits / temperature)."""
         return torch.softmax(self.logits(arrays) / self.temperature, dim=-1).numpy()
 
+    def stacked_probabilities(self, arrays: np.ndarray) -> np.ndarray:
+        """probabilities() for a stack of any size: run in slices no larger than the one that last fit, halved on
+        a GPU out-of-memory error (for the service's shared batches)."""
+        out = np.empty((len(arrays), len(self.labels)), dtype=np.float32)
+
+        def run(start: int, stop: int) -> None:
+            out[start:stop] = self.probabilities(arrays[start:stop])
+
+        self.batch_size = in_batches(len(arrays), self.batch_size, run)
+        return out
+
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
         k = max(1, min(int(k), len(self.labels)))
         order = np.argsort(-probs, kind="stable")[:k]

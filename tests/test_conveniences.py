@@ -158,6 +158,32 @@ def test_evaluation_batches_halve_on_out_of_memory():
     assert covered == list(range(23))  # every item once, in order
 
 
+def test_shared_service_batches_split_on_out_of_memory_and_keep_each_answer(trained_run, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batcher import Batcher
+
+    pred = Predictor(trained_run / "model", device="cpu", backend="torch")
+    images = sorted((trained_run.parent / "data").rglob("*.png"))[:12]
+    arrays = [pred.load(p) for p in images]
+    alone = [pred.probabilities(a[None])[0] for a in arrays]
+    real = pred.logits
+
+    def small_gpu(batch):
+        if len(batch) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch)
+
+    monkeypatch.setattr(pred, "logits", small_gpu)
+    batcher = Batcher(pred.stacked_probabilities, max_batch=12, wait_ms=50)
+    with ThreadPoolExecutor(12) as pool:
+        shared = list(pool.map(batcher, arrays))
+    assert batcher.largest > 3, "requests did share a batch"
+    assert pred.batch_size <= 3  # remembered for the next batch
+    for a, b in zip(alone, shared):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_training_epoch_reruns_at_half_the_batch_after_out_of_memory(shapes_dir, tmp_path, monkeypatch):
     real = fit_module.train_one_epoch
     sizes: list[int] = []
