@@ -8,7 +8,7 @@ gets a tenth of it, as in every run). The model itself is never changed.
 
 Batch size (`--batch-size 0`, i.e. auto): on CUDA, the largest power of two whose forward and backward pass fit in
 memory (16 ... 512); if an out-of-memory error still comes later, the epoch is run again at half the batch
-(training.fit) and evaluation batches shrink the same way (models.runtime.backoff). On a CPU, auto means 32.
+(training.fit) and evaluation batches shrink the same way (models.runtime.in_batches). On a CPU, auto means 32.
 """
 from __future__ import annotations
 
