@@ -5,7 +5,7 @@ URL when a file field arrives as text, and apply no size limit. Our `from_http_r
 a byte cap and hands the API raw bytes, so every bad input gets our JSON error with the right 4xx status:
 
     {"error": "<problem>", "detail": "<what exactly>"}
-    400 empty | not_an_image | corrupt | truncated | bad_request | bad_top_k
+    400 empty | not_an_image | corrupt | truncated | bad_request | bad_top_k | bad_threshold | unknown_label
     413 too_large (bytes) | too_many_pixels          415 unsupported_format | unsupported_media_type
 
 Settings (environment): PUPIL_MODEL_TAG (default pupil:latest), PUPIL_MAX_BYTES (20 MB), PUPIL_MAX_PIXELS (50 MP),
@@ -112,7 +112,9 @@ async def parse_upload(request, file_field: str, many: bool) -> tuple[list[Recei
             r = Received(filename=r.filename, status=413, error="too_large",
                          detail=f"{len(data)} bytes is over the {MAX_BYTES}-byte limit")
         files.append(r)
-    fields = {k: v for k, v in form.items() if isinstance(v, str) and k != file_field}
+    # options in the form, or in the query string (?top_k=3), the form winning
+    fields = {**{k: v for k, v in request.query_params.items() if k != file_field},
+              **{k: v for k, v in form.items() if isinstance(v, str) and k != file_field}}
     await form.close()
     if not files:
         return [], fields, Received(status=400, error="bad_request", detail=f"no file in the form field '{file_field}'",

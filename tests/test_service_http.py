@@ -112,6 +112,18 @@ def test_raw_body_upload(server):
     assert r.status_code == 200 and len(r.json()["predictions"]) == 1
 
 
+def test_options_in_the_query_string_work_with_multipart_too(server):
+    png = ("x.png", _png((40, 60, 210)), "image/png")
+    r = httpx.post(f"{server.url}/classify?top_k=1", files={"image": png})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+    r = httpx.post(f"{server.url}/classify?top_k=1", files={"image": png}, data={"top_k": "2"})  # the form wins
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    r = httpx.post(f"{server.url}/classify_batch?top_k=1&threshold=0.25", files=[("images", png), ("images", png)])
+    assert r.status_code == 200 and [(len(a["predictions"]), a["threshold"]) for a in r.json()] == [(1, 0.25)] * 2
+    r = httpx.post(f"{server.url}/classify?top_k=abc", files={"image": png})
+    assert r.status_code == 400 and r.json()["error"] == "bad_top_k"
+
+
 def test_32_concurrent_requests_are_all_answered_correctly(server, trained_run):
     from concurrent.futures import ThreadPoolExecutor
 
