@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup clean container container-test
+.PHONY: demo test setup clean container container-test constraints
 
 setup: $(STAMP)
 
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
+
+# After upgrading packages in .venv and passing `make test`: record the new tested set.
+constraints: $(STAMP)
+	{ grep '^#' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/pupil demo
