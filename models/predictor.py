@@ -123,15 +123,16 @@ class Predictor:
         """Calibrated class probabilities (softmax of logits / temperature)."""
         return torch.softmax(self.logits(arrays) / self.temperature, dim=-1).numpy()
 
-    def stacked_probabilities(self, arrays: np.ndarray) -> np.ndarray:
-        """probabilities() for a stack of any size: run in slices no larger than the one that last fit, halved on
-        a GPU out-of-memory error (for the service's shared batches)."""
+    def stacked_probabilities(self, arrays: np.ndarray | Sequence[np.ndarray],
+                              batch_size: int | None = None) -> np.ndarray:
+        """probabilities() for any number of images: run in slices of at most batch_size and no larger than the one
+        that last fit, halved on a GPU out-of-memory error (the service's shared batches, predict())."""
         out = np.empty((len(arrays), len(self.labels)), dtype=np.float32)
 
         def run(start: int, stop: int) -> None:
-            out[start:stop] = self.probabilities(arrays[start:stop])
+            out[start:stop] = self.probabilities(np.stack(arrays[start:stop]))
 
-        self.batch_size = in_batches(len(arrays), self.batch_size, run)
+        self.batch_size = in_batches(len(arrays), min(batch_size or self.batch_size, self.batch_size), run)
         return out
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
@@ -161,10 +162,7 @@ class Predictor:
                 good.append((i, self.load(src)))
             except ImageError as e:
                 results[i] = {"error": e.problem, "detail": e.detail}
-        def run(start: int, stop: int) -> None:
-            chunk = good[start:stop]
-            for (i, _), p in zip(chunk, self.probabilities(np.stack([a for _, a in chunk]))):
-                results[i] = self.answer(p, top_k, threshold)
-
-        self.batch_size = in_batches(len(good), min(batch_size, self.batch_size), run)  # smaller after a GPU OOM
+        probs = self.stacked_probabilities([a for _, a in good], batch_size)
+        for (i, _), p in zip(good, probs):
+            results[i] = self.answer(p, top_k, threshold)
         return results  # type: ignore[return-value]

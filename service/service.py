@@ -264,7 +264,8 @@ class ImageClassifier:
         mode = os.environ.get("PUPIL_BATCHING", "auto")
         self.batcher = None
         if mode == "on" or (mode == "auto" and self.predictor.device.type == "cuda"):
-            self.batcher = Batcher(self.predictor.stacked_probabilities, max_batch=int(os.environ.get("PUPIL_MAX_BATCH", 32)),
+            self.batcher = Batcher(self.predictor.stacked_probabilities,
+                                   max_batch=int(os.environ.get("PUPIL_MAX_BATCH", 32)),
                                    wait_ms=float(os.environ.get("PUPIL_BATCH_WAIT_MS", 5)))
         self.field_log = FieldLog.from_env()
         logger.info("pupil: loaded %s (%s, %s) in %.1fs", MODEL_TAG, a.spec.architecture, self.predictor.backend,
