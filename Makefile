@@ -22,8 +22,9 @@ constraints: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pupil demo
 
+# Two workers (this machine has two cores); a test file runs whole on one worker, so its module fixtures start once.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The service as a container image, without a Docker daemon (buildah; see README "Deploy"). ARTIFACT defaults to
 # the demo's model (trained by `make demo` when missing).
@@ -35,10 +36,10 @@ runs/demo/model/config.json:
 container: $(STAMP) $(if $(filter runs/demo,$(ARTIFACT)),runs/demo/model/config.json)
 	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq buildah debootstrap; }
-	$(BIN)/python -m service.container build $(ARTIFACT)
+	$(BIN)/python -m deploy.container build $(ARTIFACT)
 
 container-test: container
-	$(BIN)/python -m service.container test
+	$(BIN)/python -m deploy.container test --artifact $(ARTIFACT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

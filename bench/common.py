@@ -12,7 +12,7 @@ BENCH_DIR = Path(os.environ.get("PUPIL_BENCH_DIR", Path.home() / ".cache" / "pup
 
 
 def elpv_images() -> list[tuple[Path, str]]:
-    from training.demo import materialise_elpv
+    from pupil.demo import materialise_elpv
 
     root = materialise_elpv()
     return [(p, c) for c in ("defective", "functional") for p in sorted((root / c).iterdir())]

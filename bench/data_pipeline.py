@@ -16,7 +16,7 @@ from bench.common import Timer, header, real_size_jpegs
 
 
 def ours(root, size: int, batch: int, workers: int, cache_dir) -> tuple[float, float, int]:
-    from models.predictor import normalize
+    from models.preprocess import normalize
     from training.data import DecodeCache, ImageSet, iterate, random_resized_crop_flip, scan
 
     m = scan(root)

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=160)
     args = ap.parse_args()
     from models.predictor import Predictor
-    from training.demo import materialise_elpv
+    from pupil.demo import materialise_elpv
     from training.fit import TrainConfig, fit
 
     header(f"RGB replication vs 1-channel stem on ELPV ({args.epochs} epochs, {args.per_class}/class, "

@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--split")
     args = ap.parse_args()
     if args.role:
-        from training.demo import materialise_elpv
+        from pupil.demo import materialise_elpv
 
         data = str(materialise_elpv())
         out = run_ours(data, args) if args.role == "ours" else run_baseline(data, json.loads(Path(args.split).read_text()), args)

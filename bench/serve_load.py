@@ -54,7 +54,7 @@ def make_artifact(path: Path) -> Path:
 
 
 def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
-    from training.demo import wait_ready
+    from pupil.demo import wait_ready
 
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

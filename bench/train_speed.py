@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--files")
     args = ap.parse_args()
     if args.role:
-        from training.demo import materialise_elpv
+        from pupil.demo import materialise_elpv
 
         data = str(materialise_elpv())
         if args.role == "ours":

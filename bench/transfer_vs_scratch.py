@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--img-size", type=int, default=224)
     args = ap.parse_args()
-    from training.demo import materialise_elpv
+    from pupil.demo import materialise_elpv
     from training.fit import TrainConfig, fit
 
     header(f"transfer vs scratch on ELPV, {args.minutes:g} minutes each")

@@ -1,10 +1,19 @@
-"""Architectures, pretrained weights, the artifact format and the one inference path (shared by training and service)."""
-from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from .factory import ModelSpec, create_model
-from .images import ImageError, decode_image
-from .pretrained import PretrainedError
+"""Architectures, pretrained weights, the artifact format and the one inference path (shared by training and service).
 
-__all__ = [
-    "Artifact", "ArtifactError", "ImageError", "ModelSpec", "PretrainedError",
-    "create_model", "decode_image", "load_artifact", "save_artifact",
-]
+Names are imported on first use, so `import models.images` or the CPU service's `models.predictor` never pulls in
+torch: the CPU container has no torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "Artifact": "artifact", "ArtifactError": "artifact", "load_artifact": "artifact", "read_artifact": "artifact",
+    "save_artifact": "artifact", "locate": "artifact", "ModelSpec": "spec", "create_model": "factory",
+    "ImageError": "images", "decode_image": "images", "PretrainedError": "pretrained", "Predictor": "predictor",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

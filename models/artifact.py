@@ -1,4 +1,5 @@
-"""THE artifact: a directory with `config.json` + `model.safetensors`, the only thing serving reads.
+"""THE artifact: a directory with `config.json` + `model.safetensors` (+ `model.onnx` once exported), the only thing
+serving reads.
 
 `config.json` uses timm's layout (`architecture`, `num_classes`, `label_names`, `pretrained_cfg`, `model_args`), so
 `timm.create_model("local-dir:DIR", pretrained=True)` loads a timm-architecture artifact as it is; pupil's own keys
@@ -10,8 +11,10 @@ sit beside timm's at the top level:
   metrics           the validation summary (accuracy, macro_f1, ...)
   weights_sha256    hash of model.safetensors, checked on every load
   pupil_version, created_at, data_fingerprint, pretrained_source
+  onnx_*            written by the export (models.export): the ONNX file's hash, its parity, and the CAM head
 
-Loading never unpickles: weights are safetensors, the rest is JSON.
+Reading (`read_artifact`) needs neither torch nor pickle: JSON and a hash. `load_artifact` adds the torch model,
+from safetensors. `locate` is the one rule for "a run folder or an artifact folder".
 """
 from __future__ import annotations
 
@@ -25,13 +28,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from .factory import ModelSpec, build_from_spec
+from .spec import ModelSpec
 
 FORMAT = "pupil-artifact/1"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+# keys the export adds after the fact: derived from the weights, they change no answer (and no version)
+DERIVED_KEYS = ("onnx_sha256", "onnx_weights_sha256", "onnx_parity_max_abs", "onnx_exporter", "cam_head")
 
 
 class ArtifactError(RuntimeError):
@@ -40,19 +43,26 @@ class ArtifactError(RuntimeError):
 
 @dataclass
 class Artifact:
-    model: nn.Module
     spec: ModelSpec
     labels: list[str]
     temperature: float = 1.0
     threshold: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)  # pupil_version, created_at, weights_sha256, ...
+    info: dict[str, Any] = field(default_factory=dict)  # pupil_version, created_at, weights_sha256, onnx, ...
     path: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # config.json as read
+    model: Any = None  # the torch module (load_artifact); None when only read (read_artifact)
 
     @property
     def version(self) -> str:
-        """A short content version: the first 12 hex digits of the weights' hash."""
-        return str(self.info.get("weights_sha256", ""))[:12]
+        """A short content version: 12 hex digits of the hash of everything that can change an answer (the weights
+        and every setting in config.json: labels, temperature, threshold, preprocessing). The store tag uses it."""
+        return answer_hash(self.config)[:12]
+
+
+def answer_hash(config: dict[str, Any]) -> str:
+    kept = {k: v for k, v in config.items() if k not in DERIVED_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -72,9 +82,15 @@ def pupil_version() -> str:
         return "0+unknown"
 
 
+def locate(target: str | Path) -> Path:
+    """The artifact directory of a run directory (runs/NAME -> runs/NAME/model), or the path itself."""
+    p = Path(target)
+    return p / "model" if (p / "model" / CONFIG).is_file() else p
+
+
 def save_artifact(
     directory: str | Path,
-    model: nn.Module,
+    model,
     spec: ModelSpec,
     labels: list[str],
     *,
@@ -148,6 +164,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{cfg_path} is not a JSON object")
     need = ("architecture", "num_classes", "label_names", "pretrained_cfg")
     missing = [k for k in need if k not in cfg]
     if missing:
@@ -172,11 +190,8 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
     )
 
 
-def load_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
-    """Load an artifact (never unpickling). Raises ArtifactError naming the file at fault."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
+    """config.json and the weights' hash, checked; no torch, no model built. Raises ArtifactError naming the file."""
     directory = Path(directory)
     cfg = read_config(directory)
     weights = directory / WEIGHTS
@@ -184,40 +199,50 @@ def load_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
         raise ArtifactError(f"artifact is missing {weights}")
     if verify and cfg.get("weights_sha256") and sha256_file(weights) != cfg["weights_sha256"]:
         raise ArtifactError(f"{weights} does not match the weights_sha256 in {directory / CONFIG}: changed or truncated")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{weights} is not a readable safetensors file ({e})") from None
-    spec = spec_from_config(cfg)
-    model = build_from_spec(spec)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ArtifactError(f"{weights} does not fit {spec.architecture} with {spec.num_classes} classes: {first}") from None
-    model.eval()
     info = {k: cfg.get(k) for k in ("format", "pupil_version", "created_at", "weights_sha256", "data_fingerprint")}
     info["onnx"] = {"sha256": cfg.get("onnx_sha256"), "weights_sha256": cfg.get("onnx_weights_sha256"),
-                    "parity_max_abs": cfg.get("onnx_parity_max_abs")}
+                    "parity_max_abs": cfg.get("onnx_parity_max_abs"), "exporter": cfg.get("onnx_exporter")}
     return Artifact(
-        model=model,
-        spec=spec,
+        spec=spec_from_config(cfg),
         labels=list(cfg["label_names"]),
         temperature=float(cfg.get("temperature") or 1.0),
         threshold=cfg.get("threshold"),
         metrics=dict(cfg.get("metrics") or {}),
         info=info,
         path=directory,
+        config=cfg,
     )
 
 
-def set_calibration(directory: str | Path, **updates: Any) -> None:
-    """Update pupil's keys in config.json (e.g. temperature) without touching the weights; atomic replace."""
+def load_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
+    """read_artifact plus the torch model from safetensors (never unpickling)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .factory import build_from_spec
+
+    art = read_artifact(directory, verify=verify)
+    weights = Path(directory) / WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{weights} is not a readable safetensors file ({e})") from None
+    model = build_from_spec(art.spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ArtifactError(f"{weights} does not fit {art.spec.architecture} with {art.spec.num_classes} classes: "
+                            f"{first}") from None
+    art.model = model.eval()
+    return art
+
+
+def update_config(directory: str | Path, **updates: Any) -> None:
+    """Update keys of config.json without touching the weights; atomic replace."""
     directory = Path(directory)
     cfg = read_config(directory)
     cfg.update(updates)
     tmp = directory / f".{CONFIG}.tmp"
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     os.replace(tmp, directory / CONFIG)
-
-

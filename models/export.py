@@ -1,20 +1,28 @@
 """Exports for people who deploy elsewhere, each checked against the torch output before it is kept.
 
 ONNX is also what the service runs on CPU (ONNX Runtime measured 2.4x over torch eager for efficientnet_lite0 at
-batch 1 here). The export sits beside the weights as `model.onnx`; its hash and the measured parity go into
-config.json (`onnx_sha256`, `onnx_parity_max_abs`), so a consumer can tell a stale or altered export.
+batch 1 here), and what the torch-free CPU image runs at all. The graph has two outputs: `logits`, and `features`,
+the last feature map, from which the service draws /explain without torch (class activation mapping,
+models/explain.py). It is made by torch's current exporter (`torch.onnx.export(..., dynamo=True)`, torch.export +
+onnxscript); the TorchScript-based one is deprecated since torch 2.9.
+
+The export sits beside the weights as `model.onnx`; its hash, the exporter's format, the measured parity and the
+CAM head (which tensors are the linear head, or null where the head is not global-pool + linear) go into
+config.json, so a consumer can tell a stale, old-format or altered export.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .artifact import Artifact, load_artifact, set_calibration, sha256_file
+from .artifact import Artifact, load_artifact, read_artifact, sha256_file, update_config
+from .onnxrt import ONNX, ONNX_FORMAT, onnx_current, onnx_session
 
-ONNX = "model.onnx"
 TORCHSCRIPT = "model.torchscript.pt"
 PARITY_TOL = 1e-4
 
@@ -31,17 +39,59 @@ def parity_inputs(size: int, n: int = 4, seed: int = 0, chans: int = 3) -> torch
     return x
 
 
+class _LogitsAndFeatures(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), features
+
+
+def cam_head(model: torch.nn.Module) -> dict[str, str] | None:
+    """The state-dict keys of the head's weight and bias if the head is exactly global average pooling + one linear
+    layer (then CAM from the features equals Grad-CAM), checked numerically on random features; else None."""
+    from .pretrained import head_keys
+
+    clf = model.get_classifier()
+    if not isinstance(clf, torch.nn.Linear):
+        return None
+    keys = sorted(head_keys(model))
+    weight = next((k for k in keys if k.endswith("weight")), None)
+    bias = next((k for k in keys if k.endswith("bias")), None)
+    if weight is None:
+        return None
+    try:
+        c = int(model.num_features)
+    except (AttributeError, TypeError):
+        return None
+    f = torch.randn(2, c, 5, 7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        try:
+            got = model.eval().forward_head(f)
+        except Exception:
+            return None
+        want = f.mean((2, 3)) @ clf.weight.T + (clf.bias if clf.bias is not None else 0)
+    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+        return None
+    return {"weight": weight, **({"bias": bias} if bias else {})}
+
+
 def export_onnx(artifact: Artifact, path: Path) -> float:
-    """Write an ONNX model (dynamic batch) and return the max |logit difference| vs torch on parity inputs."""
+    """Write the ONNX model (dynamic batch) and return the max |difference| vs torch over both outputs."""
     model = artifact.model.cpu().float().eval()
     size = artifact.spec.input_size
     x = parity_inputs(size, chans=artifact.spec.in_chans)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    wrapped = _LogitsAndFeatures(model).eval()
     try:
-        torch.onnx.export(model, (x[:1],), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-        diff = onnx_parity(model, tmp, x)
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each step on stdout
+            program = torch.onnx.export(
+                wrapped, (x[:2],), input_names=["input"], output_names=["logits", "features"], dynamo=True,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, verbose=False)
+            program.save(str(tmp))
+        diff = onnx_parity(wrapped, tmp, x)
         if diff > PARITY_TOL:
             raise ExportError(f"ONNX output differs from torch by {diff:.2e} (> {PARITY_TOL:g})")
         os.replace(tmp, path)
@@ -50,22 +100,11 @@ def export_onnx(artifact: Artifact, path: Path) -> float:
     return diff
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 @torch.inference_mode()
-def onnx_parity(model: torch.nn.Module, onnx_path: Path, x: torch.Tensor) -> float:
-    ref = model(x).float().numpy()
-    got = onnx_session(onnx_path).run(["logits"], {"input": x.numpy()})[0]
-    return float(np.abs(ref - got).max())
+def onnx_parity(wrapped: torch.nn.Module, onnx_path: Path, x: torch.Tensor) -> float:
+    ref = [t.float().numpy() for t in wrapped(x)]
+    got = onnx_session(onnx_path).run(["logits", "features"], {"input": x.numpy()})
+    return max(float(np.abs(r - g).max()) for r, g in zip(ref, got))
 
 
 def export_torchscript(artifact: Artifact, path: Path) -> float:
@@ -80,23 +119,14 @@ def export_torchscript(artifact: Artifact, path: Path) -> float:
     return diff
 
 
-def onnx_current(art: Artifact) -> bool:
-    """True if the artifact's model.onnx exists, matches its recorded hash and was exported from these weights."""
-    if art.path is None or not (art.path / ONNX).is_file():
-        return False
-    rec = art.info.get("onnx") or {}
-    return bool(rec.get("sha256")) and rec.get("weights_sha256") == art.info.get("weights_sha256") \
-        and rec.get("sha256") == sha256_file(art.path / ONNX)
-
-
 def ensure_onnx(artifact_dir: str | Path) -> Path:
-    """The artifact's model.onnx, exported (and recorded in config.json) if missing or not matching its record."""
+    """The artifact's model.onnx, exported (and recorded in config.json) if missing, stale or of an older format."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / ONNX
-    art = load_artifact(artifact_dir)
-    if onnx_current(art):
+    if onnx_current(read_artifact(artifact_dir)):
         return path
+    art = load_artifact(artifact_dir)
     diff = export_onnx(art, path)
-    set_calibration(artifact_dir, onnx_sha256=sha256_file(path), onnx_parity_max_abs=diff,
-                    onnx_weights_sha256=art.info.get("weights_sha256"))
+    update_config(artifact_dir, onnx_sha256=sha256_file(path), onnx_parity_max_abs=diff, onnx_exporter=ONNX_FORMAT,
+                  onnx_weights_sha256=art.info.get("weights_sha256"), cam_head=cam_head(art.model))
     return path

@@ -1,35 +1,15 @@
 """One front door: `create_model(arch, num_classes, pretrained)` for any timm architecture and for `small_cnn`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .pretrained import PretrainedError, bundled_weights_file, load_pretrained, timm_arch
 from .small_cnn import SmallCNN
+from .spec import ModelSpec
 
 SMALL_CNN = "small_cnn"
-
-
-@dataclass
-class ModelSpec:
-    """What a consumer of the model needs besides its weights (it travels into the artifact's config.json)."""
-
-    architecture: str  # the timm architecture actually built (e.g. tf_efficientnet_lite0 for efficientnet_lite0)
-    num_classes: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    model_args: dict[str, Any] = field(default_factory=dict)
-    pretrained_source: str = "none"
-
-    @property
-    def in_chans(self) -> int:
-        """3 (RGB), or 1: a grayscale model whose input is the mean of the RGB channels (see normalize)."""
-        return len(self.mean)
 
 
 def gray_stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float], tuple[float]]:

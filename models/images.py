@@ -6,8 +6,8 @@ everywhere. The rules for odd files, in one place:
 - Content decides, not the extension: a PNG named .jpg is a PNG; HTML named .jpg is `not_an_image`.
 - EXIF orientation is applied; animations and multi-page files give their first frame.
 - Transparency (RGBA, LA, P with a transparent index) is composited over white.
-- High bit depth (16-bit, 32-bit int, float) is scaled into 0..255, never clipped: 16-bit by /257, other ranges by
-  their own min..max; floats already in 0..1 are multiplied by 255.
+- High bit depth is scaled into 0..255, never clipped: 16-bit by its type's range (/257, so 8-bit and 16-bit copies of
+  a picture decode alike), floats in 0..1 times 255, other ranges (32-bit integers) by their own min..max.
 - CMYK, YCbCr, LAB, HSV, 1-bit and palettes go through Pillow's own conversion to RGB.
 - The pixel count is checked from the header before anything is decoded (default 50 MP).
 """
@@ -184,21 +184,21 @@ def decode_image(
         raise ImageError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
-def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """High bit depth -> 0..255 by a rule that never looks at one image's own maximum for 16-bit data:
+    16-bit (I;16*) by the type's range, /257, so the same picture stored at 8 and at 16 bits gives the same pixels;
+    float in 0..1 times 255; anything else (32-bit integers, floats outside 0..1) by its own min..max."""
     a = a.astype(np.float64)
     if a.size == 0:
         return a.astype(np.uint8)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    if lo >= 0 and hi <= 255 and np.issubdtype(a.dtype, np.floating) and hi > 1:
-        out = a
-    elif lo >= 0 and hi <= 1.0:
-        out = a * 255.0
-    elif lo >= 0 and hi <= 255:
-        out = a
-    elif lo >= 0 and hi <= 65535:
+    if mode.startswith("I;16"):
         out = a / 257.0
     else:
-        out = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        if mode == "F" and lo >= 0 and hi <= 1.0:
+            out = a * 255.0
+        else:
+            out = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
     return np.nan_to_num(np.rint(out), nan=0.0).clip(0, 255).astype(np.uint8)
 
 
@@ -217,31 +217,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
-        gray = Image.fromarray(_scale_to_uint8(np.asarray(im)), mode="L")
+        gray = Image.fromarray(_scale_to_uint8(np.asarray(im), mode), mode="L")
         return gray.convert("RGB")
     if mode == "1":
         return im.convert("L").convert("RGB")
     return im.convert("RGB")
-
-
-def resize_shorter(im: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
-    """Resize so the shorter side is `size`, keeping the aspect ratio."""
-    w, h = im.size
-    if min(w, h) == size:
-        return im
-    scale = size / min(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    return im.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
-
-
-def center_crop(im: Image.Image, size: int) -> Image.Image:
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    if left < 0 or top < 0:  # smaller than the crop: pad by resizing up (never happens after resize_shorter)
-        im = resize_shorter(im, size)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))
 
 
 INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -254,7 +234,19 @@ def load_square(
     interpolation: str = "bicubic",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Decode, resize the shorter side to `size`, centre-crop a square: uint8 HxWx3. The one geometric path."""
+    """Decode, resize the shorter side to `size`, centre-crop a square: uint8 size x size x 3. The one geometric path.
+
+    Only the square is computed: Pillow resamples the source box that maps onto it (`resize(box=...)`), with the
+    same sampling positions and filter as resizing the whole image and cropping. So the work and memory are bounded
+    by the output and the decoded pixels, whatever the aspect ratio: a 129-byte 50,000 x 1 PNG would otherwise be
+    resized to 12,800,000 x 256 (more than 6 GB) before the crop."""
     im = decode_image(src, max_pixels=max_pixels, draft_size=size)
-    im = center_crop(resize_shorter(im, size, INTERPOLATION.get(interpolation, Image.BICUBIC)), size)
-    return np.asarray(im, dtype=np.uint8)
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))  # the whole image's size after the resize
+    left, top = (nw - size) // 2, (nh - size) // 2
+    sx, sy = w / nw, h / nh  # source pixels per output pixel
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    out = im.resize((size, size), INTERPOLATION.get(interpolation, Image.BICUBIC), box=box,
+                    reducing_gap=3.0 if scale < 0.5 else None)
+    return np.asarray(out, dtype=np.uint8)

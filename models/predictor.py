@@ -1,56 +1,34 @@
 """Predictor: the one inference path (decode -> EXIF transpose -> RGB -> resize -> centre crop -> normalise ->
-forward -> temperature-scaled softmax -> top-k). `pupil predict`, `pupil evaluate` and the service all use it, so
-there is no train/serve skew: training's validation images go through the same `load_square` geometry.
+forward -> temperature-scaled softmax -> top-k). `pupil predict`, `pupil evaluate`, the Python API and the service
+all use it, so there is no train/serve skew: training's validation images go through the same `load_square` geometry.
+
+Two backends, one contract: torch (any device; GPU autocast) and ONNX Runtime (CPU). The ONNX one needs no torch at
+all: this module imports torch only when the torch backend is chosen, so the CPU container ships without it.
+`Predictor.outputs` is the only "decode each image, collect the errors, batch the good ones" loop; `predict`,
+`evaluate` and the service's /classify_batch go through it.
 """
 from __future__ import annotations
 
-import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from .artifact import Artifact, load_artifact
-from .factory import ModelSpec
-from .images import DEFAULT_MAX_PIXELS, load_square
-from .runtime import in_batches
+from .artifact import Artifact, ArtifactError, locate, read_artifact
+from .explain import Explanation, ExplainUnavailable, class_activation_map, heat_map
+from .images import DEFAULT_MAX_PIXELS, ImageError, load_square
+from .onnxrt import ONNX, onnx_current, onnx_session
+from .preprocess import center, normalize
+from .runtime import in_batches, torch_available
 
-
-def pick_device(device: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for "auto"; otherwise exactly what was asked (failing clearly if absent)."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
+Source = bytes | str | Path
 
 
-def resize_size(spec: ModelSpec) -> int:
-    """The shorter side before the centre crop (timm's eval transform: floor(input_size / crop_pct))."""
-    return int(math.floor(spec.input_size / spec.crop_pct))
-
-
-def center(a: np.ndarray | torch.Tensor, size: int):
-    """Centre crop of an ...xHxWxC array (the last three dims)."""
-    h, w = a.shape[-3], a.shape[-2]
-    top, left = (h - size) // 2, (w - size) // 2
-    return a[..., top:top + size, left:left + size, :]
-
-
-def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW (channels_last memory), normalised; runs on whatever device `batch` is on.
-    One mean/std value means a 1-channel model: the input is the mean of the RGB channels (a gray image's value)."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    if len(mean) == 1 and x.shape[1] != 1:
-        x = x.mean(dim=1, keepdim=True)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s).contiguous(memory_format=torch.channels_last)
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 class Predictor:
@@ -64,76 +42,139 @@ class Predictor:
         threads: int | None = None,
         tta: bool = False,
         amp: str = "auto",
+        decode_threads: int = 1,
     ):
-        """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx).
+        """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx, and
+        always where torch is not installed). artifact: an Artifact, an artifact directory or a run directory.
         tta: test-time augmentation, the logits of the image and of its mirror image averaged (twice the compute).
-        amp: auto (bf16, or fp16 where bf16 is not supported, autocast on CUDA; fp32 elsewhere) | off."""
+        amp: auto (bf16, or fp16 where bf16 is not supported, autocast on CUDA; fp32 elsewhere) | off.
+        decode_threads: images decoded at once by `outputs` (Pillow releases the GIL while decoding)."""
+        if amp not in ("auto", "off"):
+            raise ValueError(f"amp must be auto or off, not {amp!r}")
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
         self.tta = tta
         self.batch_size = 1 << 30  # lowered for good if the GPU runs out of memory (models.runtime.in_batches)
-        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        self.artifact = artifact if isinstance(artifact, Artifact) else read_artifact(locate(artifact))
         self.spec = self.artifact.spec
         self.labels = self.artifact.labels
-        self.device = pick_device(device)
-        self.amp: torch.dtype | None = None
-        if amp == "auto" and self.device.type == "cuda":
-            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif amp not in ("auto", "off"):
-            raise ValueError(f"amp must be auto or off, not {amp!r}")
         self.max_pixels = max_pixels
-        self.model = self.artifact.model.to(self.device).eval().to(memory_format=torch.channels_last)
-        self.session = None
-        if backend in ("auto", "onnx"):
-            from .export import ONNX, onnx_current, onnx_session
+        self.decode_threads = max(1, decode_threads)
+        self.model = self.session = self.device = self.amp = None
+        self._head: np.ndarray | None = None
+        if backend == "auto":
+            if not torch_available():
+                backend = "onnx"
+            else:
+                from .runtime import pick_device
 
-            current = onnx_current(self.artifact)
-            if backend == "auto":
-                backend = "onnx" if self.device.type == "cpu" and current else "torch"
-            elif not current:
-                raise FileNotFoundError(f"{self.artifact.path}/{ONNX} is missing or was not exported from these weights")
-            if backend == "onnx":
-                self.session = onnx_session(self.artifact.path / ONNX, threads)  # type: ignore[operator]
+                cpu = pick_device(device).type == "cpu"
+                backend = "onnx" if cpu and onnx_current(self.artifact) else "torch"
+        if backend == "onnx":
+            if not onnx_current(self.artifact):
+                raise ArtifactError(f"{self.artifact.path}/{ONNX} is missing, of an older format, or was not exported "
+                                    f"from these weights: run `pupil export {self.artifact.path}` where torch is "
+                                    "installed")
+            self.session = onnx_session(self.artifact.path / ONNX, threads)  # type: ignore[operator]
+        else:
+            self._init_torch(device, amp)
         self.backend = backend
+
+    def _init_torch(self, device: str, amp: str) -> None:
+        import torch
+
+        from .artifact import load_artifact
+        from .runtime import amp_dtype, pick_device
+
+        if self.artifact.model is None:
+            self.artifact = load_artifact(self.artifact.path)
+        self.device = pick_device(device)
+        self.amp = amp_dtype(self.device, amp) if amp == "auto" else None
+        self.model = self.artifact.model.to(self.device).eval().to(memory_format=torch.channels_last)
 
     @property
     def temperature(self) -> float:
         return self.artifact.temperature
 
-    def load(self, src: bytes | str | Path) -> np.ndarray:
+    def load(self, src: Source) -> np.ndarray:
         """Decode and crop one image to the model's input: uint8 HxWx3. Raises models.images.ImageError."""
-        square = load_square(src, resize_size(self.spec), interpolation=self.spec.interpolation, max_pixels=self.max_pixels)
+        square = load_square(src, self.spec.resize_size, interpolation=self.spec.interpolation,
+                             max_pixels=self.max_pixels)
         return np.ascontiguousarray(center(square, self.spec.input_size))
 
-    @torch.inference_mode()
-    def logits(self, arrays: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Raw logits for a uint8 NxHxWx3 batch already at the input size (with tta: averaged with the mirror's)."""
-        batch = torch.as_tensor(arrays)
+    def logits(self, arrays: np.ndarray) -> np.ndarray:
+        """Raw logits (float32 N x K) for a uint8 NxHxWx3 batch already at the input size (with tta: averaged with
+        the mirror image's)."""
+        arrays = np.asarray(arrays)
         if self.tta:
-            return (self._logits(batch) + self._logits(batch.flip(2))) / 2
-        return self._logits(batch)
+            return (self._logits(arrays) + self._logits(np.ascontiguousarray(arrays[:, :, ::-1]))) / 2
+        return self._logits(arrays)
 
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
         if self.session is not None:
-            x = normalize(batch, self.spec.mean, self.spec.std).contiguous().numpy()
-            return torch.from_numpy(self.session.run(["logits"], {"input": x})[0])
-        x = normalize(batch.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            return self.model(x).float().cpu()
+            x = normalize(batch, self.spec.mean, self.spec.std)
+            return self.session.run(["logits"], {"input": x})[0].astype(np.float32)
+        import torch
 
-    def probabilities(self, arrays: np.ndarray | torch.Tensor) -> np.ndarray:
+        from .runtime import autocast
+
+        with torch.inference_mode():
+            x = normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True),
+                          self.spec.mean, self.spec.std)
+            with autocast(self.device, self.amp):
+                return self.model(x).float().cpu().numpy()
+
+    def probabilities(self, arrays: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (softmax of logits / temperature)."""
-        return torch.softmax(self.logits(arrays) / self.temperature, dim=-1).numpy()
+        return self.calibrated(self.logits(arrays))
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """Logits (a row or a batch) -> calibrated probabilities."""
+        return softmax(np.asarray(logits) / self.temperature)
 
     def stacked_probabilities(self, arrays: np.ndarray | Sequence[np.ndarray],
                               batch_size: int | None = None) -> np.ndarray:
         """probabilities() for any number of images: run in slices of at most batch_size and no larger than the one
-        that last fit, halved on a GPU out-of-memory error (the service's shared batches, predict())."""
+        that last fit, halved on a GPU out-of-memory error (the service's shared batches)."""
+        return self.calibrated(self._stacked_logits(arrays, batch_size))
+
+    def _stacked_logits(self, arrays, batch_size: int | None = None) -> np.ndarray:
         out = np.empty((len(arrays), len(self.labels)), dtype=np.float32)
 
         def run(start: int, stop: int) -> None:
-            out[start:stop] = self.probabilities(np.stack(arrays[start:stop]))
+            out[start:stop] = self.logits(np.stack(arrays[start:stop]))
 
         self.batch_size = in_batches(len(arrays), min(batch_size or self.batch_size, self.batch_size), run)
         return out
+
+    def outputs(self, sources: Sequence[Source], batch_size: int = 32) -> list[ImageError | np.ndarray]:
+        """For each source, its logits row, or the ImageError that says why it could not be read. Images are decoded
+        a batch at a time (on `decode_threads` threads) and run in batches, so memory stays at one batch of crops."""
+        results: list[ImageError | np.ndarray | None] = [None] * len(sources)
+
+        def decode(src: Source) -> np.ndarray | ImageError:
+            try:
+                return self.load(src)
+            except ImageError as e:
+                return e
+
+        pool = ThreadPoolExecutor(self.decode_threads) if self.decode_threads > 1 and len(sources) > 1 else None
+        try:
+            for start in range(0, len(sources), batch_size):
+                chunk = sources[start:start + batch_size]
+                decoded = list(pool.map(decode, chunk)) if pool else [decode(s) for s in chunk]
+                good = [(start + i, a) for i, a in enumerate(decoded) if isinstance(a, np.ndarray)]
+                for i, a in enumerate(decoded):
+                    if isinstance(a, ImageError):
+                        results[start + i] = a
+                if good:
+                    logits = self._stacked_logits([a for _, a in good], batch_size)
+                    for (i, _), row in zip(good, logits):
+                        results[i] = row
+        finally:
+            if pool:
+                pool.shutdown()
+        return results  # type: ignore[return-value]
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
         k = max(1, min(int(k), len(self.labels)))
@@ -150,19 +191,51 @@ class Predictor:
             out["threshold"] = float(threshold)
         return out
 
-    def predict(self, sources: Sequence[bytes | str | Path], top_k: int = 5, batch_size: int = 32,
+    def predict(self, sources: Source | Sequence[Source], top_k: int = 5, batch_size: int = 32,
                 threshold: float | None = None) -> list[dict[str, Any]]:
-        """Predict many images; a bad one gets {"error": problem, "detail": ...} in its place."""
-        from .images import ImageError
+        """Predict many images (or one path/bytes); a bad one gets {"error": problem, "detail": ...} in its place."""
+        if isinstance(sources, (str, Path, bytes, bytearray)):
+            sources = [sources]
+        out = []
+        for o in self.outputs(list(sources), batch_size):
+            if isinstance(o, ImageError):
+                out.append({"error": o.problem, "detail": o.detail})
+            else:
+                out.append(self.answer(self.calibrated(o), top_k, threshold))
+        return out
 
-        results: list[dict[str, Any] | None] = [None] * len(sources)
-        good: list[tuple[int, np.ndarray]] = []
-        for i, src in enumerate(sources):
-            try:
-                good.append((i, self.load(src)))
-            except ImageError as e:
-                results[i] = {"error": e.problem, "detail": e.detail}
-        probs = self.stacked_probabilities([a for _, a in good], batch_size)
-        for (i, _), p in zip(good, probs):
-            results[i] = self.answer(p, top_k, threshold)
-        return results  # type: ignore[return-value]
+    def explain(self, src: Source, label: str | None = None) -> Explanation:
+        """Where the model looks for `label` (default: its top answer), over the centre crop it saw.
+
+        torch backend: Grad-CAM. ONNX backend: CAM from the graph's feature maps and the head's weights, equal to
+        Grad-CAM for a global-pool + linear head (models/explain.py); other heads raise ExplainUnavailable.
+        Raises ImageError for a bad image, KeyError for an unknown label."""
+        if label and label not in self.labels:
+            raise KeyError(label)
+        image = self.load(src)
+        index = self.labels.index(label) if label else None
+        if self.session is None:
+            from .gradcam import gradcam
+
+            heat, c, _ = gradcam(self.model, image, self.spec.mean, self.spec.std, index)
+            return Explanation(image, heat, self.labels[c], c, "grad-cam")
+        weight = self._head_weight()
+        logits, features = self.session.run(["logits", "features"],
+                                            {"input": normalize(image[None], self.spec.mean, self.spec.std)})
+        c = int(logits[0].argmax()) if index is None else index
+        heat = heat_map(class_activation_map(features[0], weight, c), image.shape[:2])
+        return Explanation(image, heat, self.labels[c], c, "cam")
+
+    def _head_weight(self) -> np.ndarray:
+        if self._head is None:
+            head = self.artifact.config.get("cam_head")
+            if not head:
+                raise ExplainUnavailable(
+                    f"{self.spec.architecture}'s head is not global average pooling + one linear layer, so the "
+                    "heat map cannot be computed from the ONNX graph; serve the torch image (pupil build --gpu) "
+                    "for Grad-CAM")
+            from safetensors import safe_open
+
+            with safe_open(str(self.artifact.path / "model.safetensors"), framework="numpy") as f:
+                self._head = f.get_tensor(head["weight"]).astype(np.float32)
+        return self._head

@@ -1,15 +1,20 @@
-"""Process-level settings that make CPU runs fast, shared by the CLI, the benchmarks and the service.
+"""Process-level choices shared by training, the CLI, the benchmarks and the service: the allocator, the device,
+the autocast dtype, and batches that shrink when a GPU runs out of memory.
 
 glibc returns every large freed block (a CNN's activations) to the kernel and faults it back in on the next pass.
 Raising the mmap and trim thresholds keeps them: measured here 2x on efficientnet_lite0 inference at batch 64
 (30 -> 15 ms/image) and 1.4-3.4x elsewhere (DESIGN.md). `mallopt()` at run time did not reproduce it here (nor did a
 32 MB threshold: a batch's activations are larger), so the variables must be in the environment when the process
-starts: `ensure_allocator_env()` re-executes the process once with them.
+starts: `ensure_allocator_env()` re-executes the process once with them. The price is memory: freed blocks are kept,
+so a process holds its peak working set until it exits (README "Memory" gives the measured peaks).
+
+torch is imported inside the functions that need it: the CPU service runs without torch installed.
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 
@@ -26,19 +31,78 @@ def ensure_allocator_env() -> None:
         pass  # run without it rather than not at all
 
 
-def in_batches(n: int, batch_size: int, run, log=None) -> int:
-    """Call run(start, stop) over [0, n) in slices of batch_size; on a CUDA out-of-memory error the slice is retried
-    at half the size (down to 1). Returns the batch size that worked, for the caller's next pass."""
+def torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def pick_device(device: str = "auto"):
+    """cuda, then mps, then cpu for "auto"; otherwise exactly what was asked (failing clearly if absent)."""
     import torch
 
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def amp_dtype(device, mode: str = "auto"):
+    """The autocast dtype, or None for fp32; the one place this is decided (training, evaluation and serving).
+
+    auto: bf16 on CUDA (fp16 where bf16 is not supported); fp32 on CPU, where bf16 autocast measured slower for
+    efficientnet_lite0 and mobilenetv3 training (faster for resnet18: ask for it with --amp bf16)."""
+    import torch
+
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if mode != "auto":
+        raise ValueError(f"amp must be auto, off, bf16 or fp16, not {mode!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def autocast(device, dtype):
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def amp_name(dtype) -> str:
+    return str(dtype).replace("torch.", "") if dtype is not None else "fp32"
+
+
+def _is_oom(e: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+def in_batches(n: int, batch_size: int, run: Callable[[int, int], None], log=None) -> int:
+    """Call run(start, stop) over [0, n) in slices of batch_size; on a CUDA out-of-memory error the slice is retried
+    at half the size (down to 1). Returns the batch size that worked, for the caller's next pass."""
     start = 0
     while start < n:
         stop = min(n, start + batch_size)
         try:
             run(start, stop)
-        except torch.OutOfMemoryError:
-            if batch_size <= 1:
+        except Exception as e:
+            if not _is_oom(e) or batch_size <= 1:
                 raise
+            import torch
+
             batch_size = max(1, batch_size // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

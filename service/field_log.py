@@ -7,6 +7,8 @@ read directly once a person has moved each file into its right class. A size cap
     PUPIL_FIELD_LOG_IMAGES=1              keep the images too (default: metadata only)
     PUPIL_FIELD_LOG_BELOW=0.6             also log answers whose top score is under this (default: abstained only)
     PUPIL_FIELD_LOG_MAX_MB=500            stop keeping images past this many MB in the folder
+    PUPIL_FIELD_LOG_ROTATE_MB=10          requests.jsonl is rotated at this size to requests.jsonl.1 (the one
+                                          before is dropped): the log never holds more than twice this
 """
 from __future__ import annotations
 
@@ -24,14 +26,17 @@ _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
 
 
 class FieldLog:
-    def __init__(self, folder: str | Path, *, images: bool, below: float | None, max_mb: float):
+    def __init__(self, folder: str | Path, *, images: bool, below: float | None, max_mb: float,
+                 rotate_mb: float = 10.0):
         self.folder = Path(folder)
         self.images = images
         self.below = below
         self.max_bytes = int(max_mb * 1024 * 1024)
+        self.rotate_bytes = max(1, int(rotate_mb * 1024 * 1024))
         self.lock = threading.Lock()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.used = sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file())
+        self.log = self.folder / "requests.jsonl"
+        self.used = sum(f.stat().st_size for f in (self.folder / "images").rglob("*") if f.is_file())
 
     @classmethod
     def from_env(cls) -> "FieldLog | None":
@@ -40,7 +45,8 @@ class FieldLog:
             return None
         below = os.environ.get("PUPIL_FIELD_LOG_BELOW")
         return cls(folder, images=os.environ.get("PUPIL_FIELD_LOG_IMAGES", "0") not in ("0", "", "false"),
-                   below=float(below) if below else None, max_mb=float(os.environ.get("PUPIL_FIELD_LOG_MAX_MB", 500)))
+                   below=float(below) if below else None, max_mb=float(os.environ.get("PUPIL_FIELD_LOG_MAX_MB", 500)),
+                   rotate_mb=float(os.environ.get("PUPIL_FIELD_LOG_ROTATE_MB", 10)))
 
     def wants(self, answer: dict[str, Any]) -> bool:
         top = answer["predictions"][0]["score"]
@@ -67,6 +73,10 @@ class FieldLog:
                     self.used += len(data)
                 entry["image"] = str(path.relative_to(self.folder))
             line = json.dumps(entry) + "\n"
-            with open(self.folder / "requests.jsonl", "a", encoding="utf-8") as f:
+            try:
+                if self.log.stat().st_size + len(line) > self.rotate_bytes:
+                    os.replace(self.log, self.log.with_name("requests.jsonl.1"))
+            except FileNotFoundError:
+                pass
+            with open(self.log, "a", encoding="utf-8") as f:
                 f.write(line)
-            self.used += len(line)

@@ -1,7 +1,9 @@
 """The bridge from a run's artifact directory to BentoML's model store (used by `pupil serve` and `pupil build`).
 
-A stored model is named `pupil` (or $PUPIL_MODEL_NAME) and versioned by the first 12 hex digits of the weights'
-SHA-256, so importing the same artifact twice is a no-op and a tag always means the same bytes.
+A stored model is named `pupil` (or $PUPIL_MODEL_NAME) and versioned by the artifact's content version: 12 hex digits
+of the hash of the weights and of every setting in config.json that can change an answer (labels, temperature,
+threshold, preprocessing). Importing the same artifact twice is a no-op; a changed threshold is a new version, never
+the old model served under the old tag.
 """
 from __future__ import annotations
 
@@ -9,50 +11,51 @@ import os
 import shutil
 from pathlib import Path
 
-from models.artifact import CONFIG, WEIGHTS, load_artifact, read_config
-from models.export import ONNX, ensure_onnx
+from models.artifact import CONFIG, WEIGHTS, locate, read_artifact
+from models.onnxrt import ONNX
 
 MODEL_NAME = os.environ.get("PUPIL_MODEL_NAME", "pupil")
 
 
 def import_artifact(artifact_dir: str | Path, name: str = MODEL_NAME) -> str:
-    """Copy the artifact into the BentoML model store if it is not there yet; return its tag ("name:version")."""
+    """Copy the artifact into the BentoML model store if it is not there yet; return its tag ("name:version").
+    Its model.onnx (the CPU serving path) is exported, or re-checked, now, once, with its parity recorded."""
     import bentoml
     from bentoml.exceptions import NotFound
 
+    from models.export import ensure_onnx
+
     artifact_dir = Path(artifact_dir)
-    artifact = load_artifact(artifact_dir)  # refuses a missing, truncated or tampered artifact before anything else
+    read_artifact(artifact_dir)  # refuses a missing, truncated or tampered artifact, naming the file, before torch
+    ensure_onnx(artifact_dir)
+    artifact = read_artifact(artifact_dir)
     tag = f"{name}:{artifact.version}"
     try:
         bentoml.models.get(tag)
         return tag
     except NotFound:
         pass
-    cfg = read_config(artifact_dir)
     metadata = {
-        "architecture": cfg["architecture"],
-        "classes": cfg["label_names"],
-        "input_size": cfg["pretrained_cfg"]["input_size"][-1],
-        "temperature": cfg.get("temperature", 1.0),
-        "metrics": cfg.get("metrics", {}),
+        "architecture": artifact.spec.architecture,
+        "classes": artifact.labels,
+        "input_size": artifact.spec.input_size,
+        "temperature": artifact.temperature,
+        "metrics": artifact.metrics,
         "source": str(artifact_dir.resolve()),
     }
     with bentoml.models.create(tag, labels={"framework": "pupil"}, metadata=metadata) as bento_model:
         for f in (CONFIG, WEIGHTS, ONNX):
-            if (artifact_dir / f).is_file():
-                shutil.copy2(artifact_dir / f, Path(bento_model.path) / f)
-        # the CPU serving path: export (or re-check) model.onnx now, once, with its parity against torch recorded
-        ensure_onnx(bento_model.path)
+            shutil.copy2(artifact_dir / f, Path(bento_model.path) / f)
     return tag
 
 
 def resolve(target: str) -> str:
-    """An artifact directory (or a run directory holding model/) is imported; anything else is taken as a tag."""
-    p = Path(target)
-    if (p / "model" / CONFIG).is_file():
-        p = p / "model"
-    if p.is_dir():
+    """A directory holding an artifact (config.json, itself or in model/) is imported; a name (`pupil`,
+    `pupil:abc123`) is a tag; a path to anything else is an error."""
+    p = locate(target)
+    if (p / CONFIG).is_file():
         return import_artifact(p)
     if os.sep in target or target.startswith("."):
-        raise FileNotFoundError(f"artifact directory not found: {target}")
+        raise FileNotFoundError(f"no artifact at {target}: expected a run folder or its model/ folder "
+                                f"(with {CONFIG} and {WEIGHTS})")
     return target if ":" in target else f"{target}:latest"

@@ -1,19 +1,19 @@
-"""Fixtures: small generated image folders, an isolated BentoML home, a trained tiny artifact, a live server."""
+"""Fixtures: small generated image folders, an isolated BentoML home and cache, one tiny training configuration, a
+trained tiny artifact and one live server shared by every test that only reads from it."""
 from __future__ import annotations
 
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (210, 40, 40), "blue": (40, 60, 210), "green": (40, 180, 60)}
+# the small from-scratch run every training test starts from (seconds on a CPU)
+TINY = dict(model="small_cnn", width=8, img_size=32, batch_size=8, progress=False, workers=1)
+TINY_FLAGS = ["--model", "small_cnn", "--width", "8", "--img-size", "32", "--batch-size", "8", "--workers", "1",
+              "--no-progress"]
 
 
 def make_shapes_folder(root: Path, classes=("red", "blue"), n: int = 24, size=(40, 36), seed: int = 0) -> Path:
@@ -49,60 +49,36 @@ def shapes_dir(tmp_path) -> Path:
     return make_shapes_folder(tmp_path / "shapes")
 
 
+@pytest.fixture
+def tiny_config(tmp_path):
+    """tiny_config(data, **overrides) -> TrainConfig of a seconds-long small_cnn run writing under tmp_path."""
+    from training.config import TrainConfig
+
+    def make(data, **overrides) -> TrainConfig:
+        return TrainConfig(**{"data": str(data), "epochs": 4, "out": str(tmp_path / "run"), **TINY, **overrides})
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A tiny small_cnn really trained on a generated 2-class folder (a few seconds)."""
-    from training.fit import TrainConfig, fit
+    """A tiny small_cnn really trained on a generated 2-class folder (a few seconds), ONNX export included."""
+    from models.export import ensure_onnx
+    from training.config import TrainConfig
+    from training.fit import fit
 
     base = tmp_path_factory.mktemp("trained")
     data = make_shapes_folder(base / "data", n=30)
-    result = fit(TrainConfig(data=str(data), model="small_cnn", width=8, img_size=32, epochs=8, batch_size=8,
-                             out=str(base / "run"), progress=False, workers=1))
+    result = fit(TrainConfig(data=str(data), epochs=8, out=str(base / "run"), **TINY))
+    ensure_onnx(result.artifact_dir)
     return result.run_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, target: str | Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(os.environ["BENTOML_HOME"]).parent / f"server-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "training", "serve", str(target), "--port", str(self.port), "--host", "127.0.0.1"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
-
-    def wait_ready(self, timeout: float = 180) -> "Server":
-        from training.demo import wait_ready
-
-        try:
-            wait_ready(self.url, self.proc, timeout)
-        except (RuntimeError, TimeoutError) as e:
-            self.stop()
-            raise type(e)(f"{e}:\n{self.log.read_text()[-3000:]}") from None
-        return self
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and httpx.get(f"{self.url}/livez", timeout=5).status_code == 200
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(trained_run):
-    s = Server(trained_run).wait_ready()
-    yield s
-    s.stop()
+    """`pupil serve` of the trained run with its default host (every interface; spoken to on loopback), shared by
+    every test that only reads from it."""
+    from pupil.server import Server
+
+    with Server.for_artifact(trained_run, host=None) as s:
+        yield s

@@ -58,7 +58,7 @@ def test_header_scan_alone_leaves_truncation_to_the_decoder(messy_dir):
 
 
 def test_check_cli_reports_and_exits_right(messy_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "training", "check", str(messy_dir), "--json"],
+    r = subprocess.run([sys.executable, "-m", "pupil", "check", str(messy_dir), "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -66,15 +66,15 @@ def test_check_cli_reports_and_exits_right(messy_dir, tmp_path):
     assert {p["problem"] for p in report["problems"]} >= {"truncated", "not_an_image", "empty", "too_many_pixels",
                                                           "unsupported_format", "corrupt", "duplicate_in_other_class"}
     assert any("label noise" in w for w in report["warnings"])
-    r = subprocess.run([sys.executable, "-m", "training", "check", str(messy_dir)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pupil", "check", str(messy_dir)], capture_output=True, text=True)
     assert "bad_half.jpg: truncated" in r.stdout and r.stdout.strip().endswith("trainable")
 
     empty_class = make_shapes_folder(tmp_path / "e", classes=("a", "b"), n=2)
     for f in (empty_class / "b").iterdir():
         f.write_text("not an image")
-    r = subprocess.run([sys.executable, "-m", "training", "check", str(empty_class)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pupil", "check", str(empty_class)], capture_output=True, text=True)
     assert r.returncode == 2 and "class 'b' has no usable image" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "training", "check", str(tmp_path / "nope")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pupil", "check", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 2 and "not found" in r.stderr
 
 
@@ -106,3 +106,50 @@ def test_trainability_reasons(tmp_path):
     assert "need at least 2" in trainability(scan(one))
     (tmp_path / "none").mkdir()
     assert "no files" in trainability(scan(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid", "validation", "Validation"])
+def test_every_usual_name_of_the_validation_folder_is_a_split(tmp_path, val_name):
+    root = tmp_path / "pre"
+    make_shapes_folder(root / "train", n=6, seed=1)
+    make_shapes_folder(root / val_name, n=3, seed=2)
+    m = split_manifest(scan(root), 0.2, 0)
+    assert m.presplit and m.classes == ["blue", "red"]
+    assert m.counts("train") == {"blue": 6, "red": 6} and m.counts("val") == {"blue": 3, "red": 3}
+
+
+def test_train_and_test_without_val_splits_validation_off_train_and_keeps_test(tmp_path):
+    root = tmp_path / "pre"
+    make_shapes_folder(root / "train", n=10, seed=1)
+    make_shapes_folder(root / "test", n=4, seed=2)
+    m = split_manifest(scan(root), 0.2, 0)
+    assert m.presplit
+    assert m.counts("test") == {"blue": 4, "red": 4}
+    assert m.counts("val") == {"blue": 2, "red": 2} and m.counts("train") == {"blue": 8, "red": 8}
+    assert all(f.path.startswith("train/") for f in m.usable("val"))  # validation comes from train, never from test
+
+
+def test_check_shows_the_counts_of_all_three_splits(tmp_path):
+    root = tmp_path / "pre"
+    make_shapes_folder(root / "train", n=10, seed=1)
+    make_shapes_folder(root / "valid", n=3, seed=2)
+    make_shapes_folder(root / "test", n=4, seed=3)
+    r = subprocess.run([sys.executable, "-m", "pupil", "check", str(root), "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["splits"] == {"train": {"blue": 10, "red": 10}, "val": {"blue": 3, "red": 3},
+                                              "test": {"blue": 4, "red": 4}}
+    r = subprocess.run([sys.executable, "-m", "pupil", "check", str(root)], capture_output=True, text=True, timeout=120)
+    header = r.stdout.splitlines()[1].split()
+    assert header == ["class", "total", "train", "validation", "test"]
+    assert r.stdout.splitlines()[2].split() == ["blue", "17", "10", "3", "4"]
+
+
+def test_decode_cache_is_reused(shapes_dir, tmp_path):
+    from training.cache import DecodeCache
+
+    m = split_manifest(scan(shapes_dir), 0.2, 0)
+    first = DecodeCache.build(shapes_dir, m.usable(), 36, cache_dir=tmp_path, workers=1)
+    second = DecodeCache.build(shapes_dir, m.usable(), 36, cache_dir=tmp_path, workers=1)
+    assert first.decoded == 48 and second.decoded == 0
+    assert (second.images[: len(first.index)] == first.images[: len(first.index)]).all()

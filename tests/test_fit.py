@@ -1,4 +1,5 @@
-"""training/fit.py: the probe, the pretrained fine-tune, exact resume after SIGKILL, atomic checkpoints, DDP."""
+"""training/fit.py: tiny real runs. Learning, bad files skipped, the probe, the untouched test split, exact resume
+after SIGKILL, an out-of-memory epoch rerun from its start, DDP that really averages, the time limit, EMA, imbalance."""
 from __future__ import annotations
 
 import json
@@ -9,31 +10,56 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import make_shapes_folder
-from training.fit import TrainConfig, fit, load_checkpoint, save_checkpoint
+from tests.conftest import TINY_FLAGS, make_shapes_folder
+from training import fit as fit_module
+from training import loop as loop_module
+from training.fit import fit
+from training.state import load_checkpoint
 
-TINY = dict(model="small_cnn", width=8, img_size=32, batch_size=8, progress=False, workers=1)
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-def test_pretrained_finetune_learns(shapes_dir, tmp_path):
-    r = fit(TrainConfig(data=str(shapes_dir), model="efficientnet_lite0", img_size=32, epochs=3, batch_size=8,
-                        out=str(tmp_path / "run"), progress=False, workers=1))
+def test_tiny_run_learns_and_skips_bad_files(shapes_dir, tiny_config):
+    (shapes_dir / "red" / "broken.jpg").write_text("<html>404 not found</html>")
+    (shapes_dir / "blue" / "empty.png").write_bytes(b"")
+    (shapes_dir / "blue" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    result = fit(tiny_config(shapes_dir, epochs=8))
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0], losses
+    assert result.metrics["val"]["accuracy"] >= 0.8  # chance is 0.5
+    skipped = {s["path"]: s["problem"] for s in result.metrics["skipped"]}
+    assert skipped == {"red/broken.jpg": "not_an_image", "blue/empty.png": "empty"}
+    for f in ("model/config.json", "model/model.safetensors", "metrics.json", "split.json", "config.yaml"):
+        assert (result.run_dir / f).is_file(), f
+    split = json.loads((result.run_dir / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"])
+    assert len(split["train"]) + len(split["val"]) == 48
+    assert result.metrics["peak_rss_mb"] > 50
+    report = (result.run_dir / "report.html").read_text()
+    assert "No untouched test set was given" in report and "held-out" not in report
+
+
+def test_pretrained_finetune_learns(shapes_dir, tiny_config):
+    r = fit(tiny_config(shapes_dir, model="efficientnet_lite0", epochs=3))
     assert "bundled" in r.metrics["pretrained"]
     losses = [h["train_loss"] for h in r.history]
     assert losses[-1] < losses[0], losses
     assert r.metrics["val"]["accuracy"] > 0.7  # chance is 0.5
-    assert (tmp_path / "run" / "tb").is_dir() and any((tmp_path / "run" / "tb").iterdir())
+    assert (r.run_dir / "tb").is_dir() and any((r.run_dir / "tb").iterdir())
 
 
-def test_probe_trains_the_head_only(shapes_dir, tmp_path):
+def test_probe_trains_the_head_only(shapes_dir, tiny_config):
     from models import create_model, load_artifact
 
-    r = fit(TrainConfig(data=str(shapes_dir), model="efficientnet_lite0", img_size=32, stages="probe",
-                        out=str(tmp_path / "run"), progress=False, workers=1))
+    r = fit(tiny_config(shapes_dir, model="efficientnet_lite0", stages="probe"))
     trained = load_artifact(r.artifact_dir).model.state_dict()
     fresh, _ = create_model("efficientnet_lite0", 2, "auto", img_size=32)
     head = {"classifier.weight", "classifier.bias"}
@@ -44,10 +70,40 @@ def test_probe_trains_the_head_only(shapes_dir, tmp_path):
     assert r.metrics["probe"]["val_acc"] > 0.7 and r.metrics["epochs_run"] == 0
 
 
+def test_the_test_split_is_used_once_at_the_end_and_changes_no_choice(tmp_path, tiny_config, capfd):
+    """DATA/train + DATA/val + DATA/test: the test images are evaluated once, reported apart and printed last; and
+    they cannot have influenced anything, since the same run with other test images ends with the same weights,
+    temperature and threshold."""
+    root = tmp_path / "data"
+    make_shapes_folder(root / "train", n=20, seed=1)
+    make_shapes_folder(root / "val", n=6, seed=2)
+    make_shapes_folder(root / "test", n=8, seed=3)
+    a = fit(tiny_config(root, out=str(tmp_path / "a")))
+    err = capfd.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("TEST (16 images, never used for any choice)")
+    test = a.metrics["test"]
+    assert test["n"] == 16 and 0.5 <= test["accuracy"] <= 1 and "confusion_matrix" in test
+    assert a.metrics["counts"]["test"] == {"blue": 8, "red": 8}
+    assert json.loads((a.artifact_dir / "config.json").read_text())["metrics"]["test"]["n"] == 16
+    report = (a.run_dir / "report.html").read_text()
+    assert "never used for any choice" in report and "No untouched test set" not in report
+
+    for f in (root / "test").rglob("*.png"):  # other test images, some of them now mislabelled on purpose
+        f.unlink()
+    make_shapes_folder(root / "test", classes=("red", "blue"), n=8, seed=9)
+    for f in list((root / "test" / "red").iterdir())[:4]:
+        f.rename(root / "test" / "blue" / f"moved_{f.name}")
+    b = fit(tiny_config(root, out=str(tmp_path / "b")))
+    wa, wb = _weights(a.run_dir), _weights(b.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.metrics["temperature"] == b.metrics["temperature"]
+    assert a.metrics["val"]["abstention"] == b.metrics["val"]["abstention"]
+    assert a.metrics["test"]["accuracy"] != b.metrics["test"]["accuracy"]
+
+
 def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "training", "train", str(data), "--model", "small_cnn", "--width", "8",
-            "--img-size", "32", "--batch-size", "8", "--epochs", "8", "--patience", "0", "--workers", "1",
-            "--no-progress", "--out", str(out), *extra]
+    return [sys.executable, "-m", "pupil", "train", str(data), *TINY_FLAGS, "--epochs", "8", "--patience", "0",
+            "--out", str(out), *extra]
 
 
 @pytest.mark.slow
@@ -76,8 +132,7 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     resumed = subprocess.run(_train_cmd(data, out, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / 'last.pt'} after epoch {killed_at}" in resumed.stderr
-    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    b = load_file(str(out / "model" / "model.safetensors"))
+    a, b = _weights(tmp_path / "straight"), _weights(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -85,74 +140,180 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     assert [h["epoch"] for h in hist] == list(range(1, 9))
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
-    real_save = torch.save
+def test_an_epoch_out_of_memory_reruns_from_its_start_at_half_the_batch(tmp_path, tiny_config, monkeypatch):
+    """Out of memory on the third step of epoch 1 at batch 16 (two steps already applied), then at once at batch 8:
+    the run goes back to the epoch's starting state each time and ends bit-identical to a run at batch 4."""
+    shapes_dir = make_shapes_folder(tmp_path / "shapes", n=30)  # 48 training images: 3 steps of 16
+    real = loop_module.training_batch
+    calls: list[int] = []
 
-    def half_then_die(obj, f, *a, **k):
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("disk full")
+    def small_gpu(data, idx, *a, **kw):
+        calls.append(len(idx))
+        if len(idx) > 4 and (len(idx) < 16 or calls.count(16) == 3):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(data, idx, *a, **kw)
 
-    monkeypatch.setattr(torch, "save", half_then_die)
-    with pytest.raises(OSError):
-        save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
-    monkeypatch.setattr(torch, "save", real_save)
-    assert load_checkpoint(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.setattr(loop_module, "training_batch", small_gpu)
+    flaky = fit(tiny_config(shapes_dir, epochs=3, patience=0, batch_size=16, out=str(shapes_dir.parent / "flaky")))
+    monkeypatch.setattr(loop_module, "training_batch", real)
+    assert calls[:4] == [16, 16, 16, 8] and set(calls[4:]) == {4}
+    assert flaky.metrics["batch_size"] == 4 and len(flaky.history) == 3
+    steady = fit(tiny_config(shapes_dir, epochs=3, patience=0, batch_size=4, out=str(shapes_dir.parent / "steady")))
+    wa, wb = _weights(flaky.run_dir), _weights(steady.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [h["lr"] for h in flaky.history] == [h["lr"] for h in steady.history]
+
+
+def _ddp(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pupil", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ,
+                                                                                      "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
-def test_ddp_on_two_gloo_processes_writes_one_loadable_artifact(tmp_path):
+def test_ddp_averages_the_ranks_gradients(tmp_path):
+    """Two gloo processes with 4 images each take the same step as one process with the 8 images: the weights after
+    one step agree (BatchNorm statistics frozen and augmentation off, so every image's gradient is its own)."""
+    data = make_shapes_folder(tmp_path / "data", n=6)  # 10 train images: one step of 8
+    common = ["--model", "efficientnet_lite0", "--img-size", "32", "--epochs", "1", "--stages", "finetune",
+              "--crop-scale", "1", "--flips", "none", "--patience", "0", "--workers", "1", "--no-progress",
+              "--lr", "0.01"]
+    r = _ddp(["train", str(data), *common, "--batch-size", "4", "--out", str(tmp_path / "ddp")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes (DDP)" in r.stderr
+    from pupil.cli import main
+
+    assert main(["train", str(data), *common, "--batch-size", "8", "--out", str(tmp_path / "one")]) == 0
+    from models import create_model
+
+    start, _ = create_model("efficientnet_lite0", 2, "auto", img_size=32)
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    floats = [k for k in a if a[k].is_floating_point()]
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in floats])
+    moved = torch.cat([(a[k] - start.state_dict()[k]).abs().flatten() for k in floats])
+    # AdamW's first step is about lr * sign(gradient) for every weight (lr 1e-2 for the head, 1e-3 for the backbone),
+    # so a rank stepping on its own 4 images would differ by a whole step on a large share of the weights. Averaged,
+    # only weights whose gradient is within rounding of zero may differ.
+    assert (diff > 1e-5).float().mean() < 1e-4, float((diff > 1e-5).float().mean())
+    assert diff.max() < 1e-3 and (moved > 1e-4).float().mean() > 0.2  # the step moved a third of them
+
+
+@pytest.mark.slow
+def test_ddp_with_lr_auto_and_ema_writes_once_and_agrees(tmp_path):
     from models import load_artifact
 
     data = make_shapes_folder(tmp_path / "data", n=24)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training",
-           *_train_cmd(data, out)[3:], "--lr", "auto", "--lr-find-steps", "20", "--ema", "0.9"]
-    cmd[cmd.index("--epochs") + 1] = "3"
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = _ddp(["train", str(data), *TINY_FLAGS, "--epochs", "3", "--patience", "0", "--out", str(out), "--lr", "auto",
+              "--lr-find-steps", "20", "--ema", "0.9"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 processes (DDP)" in r.stderr
-    assert r.stderr.count("wrote ") == 1  # only rank 0 writes
     assert sorted(p.name for p in out.iterdir()) == [
         "config.yaml", "confusion.png", "curves.png", "last.pt", "lr_find.png", "metrics.json", "model",
         "reliability.png", "report.html", "split.json", "tb"]  # written once, no stray temporary files
-    art = load_artifact(out / "model")
-    assert art.labels == ["blue", "red"]
+    assert load_artifact(out / "model").labels == ["blue", "red"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reproducibility"]["processes"] == 2
     # --lr auto and --ema under DDP: rank 0's suggestion is broadcast, the plot written once
     assert metrics["lr"] == metrics["lr_find"]["suggested_lr"] and metrics["ema"] == 0.9
+    assert len(load_checkpoint(out / "last.pt")["aug_gen"]) == 2  # each rank's augmentation stream kept
 
 
-def test_time_limit_runs_only_the_epochs_that_fit(shapes_dir, tmp_path):
+def test_time_limit_runs_only_the_epochs_that_fit(shapes_dir, tiny_config):
     t0 = time.time()
-    r = fit(TrainConfig(data=str(shapes_dir), epochs=100_000, time_limit=0.1, patience=0, out=str(tmp_path / "run"),
-                        **TINY))
+    r = fit(tiny_config(shapes_dir, epochs=100_000, time_limit=0.1, patience=0))
     assert time.time() - t0 < 60
     assert 2 <= r.metrics["epochs_run"] < 100_000
     assert r.history[-1]["lr"] < 0.2 * max(h["lr"] for h in r.history)  # the cosine still decays to the end
 
 
-def test_mixup_cutmix_and_small_cnn_depth(shapes_dir, tmp_path):
-    from training.fit import _beta, mix_batch
-
-    g = torch.Generator().manual_seed(0)
-    draws = [_beta(0.4, g) for _ in range(2000)]
-    assert 0.45 < sum(draws) / len(draws) < 0.55 and min(draws) < 0.05 and max(draws) > 0.95  # U-shaped, mean 1/2
-    x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
-    mx, y2, lam = mix_batch(x, y, 0.0, 1.0, g)
-    changed = (mx != x).any(1).float().mean().item()
-    assert abs((1 - lam) - changed) < 0.15 and (y2 != y).any()  # the pasted area matches the label weight
-    r = fit(TrainConfig(data=str(shapes_dir), epochs=6, mixup=0.2, cutmix=1.0, out=str(tmp_path / "run"),
-                        **{**TINY, "depth": 3}))
+def test_mixup_cutmix_flips_and_small_cnn_depth_train(shapes_dir, tiny_config):
+    r = fit(tiny_config(shapes_dir, epochs=6, mixup=0.2, cutmix=1.0, depth=3, flips="d8", crop_scale=0.6))
     assert r.history[-1]["train_loss"] < r.history[0]["train_loss"] and r.metrics["val"]["accuracy"] >= 0.7
 
 
+def test_augment_policies_train_and_stay_reproducible(shapes_dir, tiny_config, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        r = fit(tiny_config(shapes_dir, epochs=6, augment="trivial", out=str(tmp_path / name)))
+        runs.append(_weights(r.run_dir))
+        assert r.history[-1]["train_loss"] < r.history[0]["train_loss"]
+    assert all((runs[0][k] == runs[1][k]).all() for k in runs[0])  # same seed, same weights, policy included
+
+
+def test_ema_weights_are_the_ones_validated_and_saved(shapes_dir, tiny_config, monkeypatch):
+    judged: dict[int, dict[str, torch.Tensor]] = {}
+    real = fit_module.evaluate
+
+    def spy(model, data, setup):
+        judged[len(judged) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real(model, data, setup)
+
+    monkeypatch.setattr(fit_module, "evaluate", spy)
+    run = fit(tiny_config(shapes_dir, epochs=6, patience=0, ema=0.9))
+    ckpt = load_checkpoint(run.run_dir / "last.pt")
+    saved = _weights(run.run_dir)
+    best = run.metrics["best_epoch"]
+    assert best >= 1 and len(judged) == 6
+    assert all(torch.equal(saved[k], judged[best][k]) for k in saved)  # the kept weights are those validated
+    assert all(torch.equal(judged[6][k], ckpt["ema"][k]) for k in ckpt["ema"])  # and those were the EMA's
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"]
+               if ckpt["model"][k].is_floating_point())  # which are not the raw weights
+    assert run.metrics["ema"] == 0.9 and run.metrics["val"]["accuracy"] > 0.6
+
+
+def make_rare_class(root: Path, major: int = 300, minor: int = 30, seed: int = 0) -> Path:
+    """10:1, and ambiguous on purpose: gray noise tinted red, by 0..20 in `ok` and 10..30 in `defect`. Where the two
+    overlap, the raw class frequencies make a model answer `ok`; balanced sampling weighs the classes equally."""
+    rng = np.random.default_rng(seed)
+    for label, n, tint in (("ok", major, (0, 20)), ("defect", minor, (10, 30))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.normal(128, 20, (24, 24, 1)).repeat(3, axis=2)
+            img[..., 0] += rng.uniform(*tint)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / label / f"{label}_{i:03d}.png")
+    return root
+
+
+def test_imbalance_switches_on_by_itself_and_finds_the_rare_class(tmp_path, tiny_config, capfd):
+    """Over three seeds (data and training): the default finds the rare class where the unbalanced run misses it,
+    on every seed, and gains macro-F1 on average."""
+    recall = lambda r: r.metrics["val"]["per_class"]["defect"]["recall"]  # noqa: E731
+    gains = []
+    for seed in (0, 1, 2):
+        data = make_rare_class(tmp_path / f"data{seed}", seed=seed)
+        common = dict(img_size=24, epochs=4, batch_size=16, patience=0, stages="finetune", val_split=0.25, seed=seed)
+        auto = fit(tiny_config(data, out=str(tmp_path / f"auto{seed}"), **common))
+        assert "class-balanced sampling, best epoch by macro-F1" in capfd.readouterr().err
+        assert auto.metrics["selected_by"] == "macro_f1"
+        plain = fit(tiny_config(data, out=str(tmp_path / f"plain{seed}"), balance="none", **common))
+        assert plain.metrics["selected_by"] == "accuracy"
+        assert recall(auto) > recall(plain) + 0.25, (seed, recall(auto), recall(plain))
+        gains.append(auto.metrics["val"]["macro_f1"] - plain.metrics["val"]["macro_f1"])
+    assert np.mean(gains) > 0.05, gains
+
+
 def test_offline_hub_weights_fail_with_one_clear_line(shapes_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "training", "train", str(shapes_dir), "--model", "resnet18",
+    r = subprocess.run([sys.executable, "-m", "pupil", "train", str(shapes_dir), "--model", "resnet18",
                         "--pretrained", "hub", "--out", str(tmp_path / "x")], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2
     assert "offline? use --pretrained PATH" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_unseen_class_mostly_abstains_and_accepted_answers_meet_the_target(tmp_path, tiny_config):
+    from models import Predictor
+
+    data = make_shapes_folder(tmp_path / "two", classes=("red", "blue"), n=60)
+    r = fit(tiny_config(data, epochs=10))
+    cfg = json.loads((r.artifact_dir / "config.json").read_text())
+    assert cfg["threshold"] is not None and cfg["abstention"]["met"]
+    pred = Predictor(r.artifact_dir)
+    fresh = make_shapes_folder(tmp_path / "new", classes=("red", "blue", "green"), n=40, seed=99)
+    answers = {c: pred.predict(sorted((fresh / c).iterdir())) for c in ("red", "blue", "green")}
+    green_abstained = np.mean([a["abstained"] for a in answers["green"]])
+    accepted = [(c, a) for c in ("red", "blue") for a in answers[c] if not a["abstained"]]
+    precision = np.mean([a["predictions"][0]["label"] == c for c, a in accepted])
+    assert green_abstained >= 0.6, green_abstained
+    assert precision >= 0.95 and len(accepted) >= 40
+    forced = pred.predict(sorted((fresh / "green").iterdir())[:5], threshold=0.0)
+    assert not any(a["abstained"] for a in forced)

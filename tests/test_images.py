@@ -1,7 +1,10 @@
-"""models/images.py: every awkward file decodes to upright RGB, every broken one gets its documented problem."""
+"""models/images.py: every awkward file decodes to upright RGB with the right pixels, every broken one gets its
+documented problem, and no image costs more than its pixels and the output."""
 from __future__ import annotations
 
 import io
+import resource
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +15,12 @@ from tests.corpus import bad_files, good_files, photo
 
 GOOD = good_files()
 BAD = bad_files()
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))
@@ -36,10 +45,42 @@ def test_transparency_is_white_and_16_bit_is_scaled_not_clipped():
     assert g16.min() == 0 and g16.max() == 255 and 100 < g16.mean() < 155  # a full ramp, not saturated
 
 
-def test_exif_orientation_is_applied():
-    """A landscape photo stored with orientation 6 (rotate 90 CW) comes out portrait, top-left pixel moved."""
-    im = decode_image(GOOD["exif_rotated.jpg"][0])
-    assert im.size == (48, 64)
+def test_16_bit_is_scaled_by_its_type_range_so_8_and_16_bit_copies_decode_alike():
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    sixteen = eight.astype(np.uint16) * 257  # the same picture at 16 bits
+    a = np.asarray(decode_image(_save(Image.fromarray(eight), "PNG")))
+    b = np.asarray(decode_image(_save(Image.fromarray(sixteen), "PNG")))
+    np.testing.assert_array_equal(a, b)
+    # a dark 16-bit image (maximum 256 of 65535) stays dark: not stretched by its own maximum
+    dark = np.asarray(decode_image(_save(Image.fromarray(np.full((8, 8), 256, np.uint16)), "PNG")))
+    assert dark.max() == 1
+    assert np.asarray(decode_image(_save(Image.fromarray(np.full((8, 8), 255, np.uint16)), "PNG"))).max() == 1
+
+
+def test_exif_orientation_is_applied_in_the_right_direction():
+    """Orientation 6 means the stored picture must be turned 90 degrees clockwise to be upright."""
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:8, :8] = (255, 0, 0)  # red in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im = np.asarray(decode_image(_save(Image.fromarray(stored), "PNG", exif=exif.tobytes())))
+    assert im.shape == (64, 48, 3)
+    # turned clockwise, the stored top-left corner is now the top-right corner
+    assert im[:8, -8:, 0].mean() > 200 and im[:8, :8, 0].mean() < 50 and im[-8:, -8:, 0].mean() < 50
+
+
+def test_cmyk_palette_and_gray_pixels_come_out_as_their_rgb():
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, :4] = (200, 40, 30)
+    rgb[:, 4:] = (20, 90, 220)
+    cmyk = np.asarray(decode_image(_save(Image.fromarray(rgb).convert("CMYK"), "TIFF"))).astype(int)
+    np.testing.assert_allclose(cmyk[:, :4].mean((0, 1)), (200, 40, 30), atol=3)
+    np.testing.assert_allclose(cmyk[:, 4:].mean((0, 1)), (20, 90, 220), atol=3)
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    np.testing.assert_array_equal(np.asarray(decode_image(_save(pal, "PNG"))), rgb)
+    gray = np.asarray(decode_image(_save(Image.fromarray(np.full((4, 4), 77, np.uint8)), "PNG")))
+    assert (gray == 77).all()
 
 
 def test_pixel_limit_is_configurable():
@@ -50,9 +91,28 @@ def test_pixel_limit_is_configurable():
 
 
 def test_jpeg_draft_decoding_keeps_the_target_size():
-    big = io.BytesIO()
-    photo(2000, 1500).save(big, format="JPEG", quality=90)
-    a = load_square(big.getvalue(), 256)
+    a = load_square(_save(photo(2000, 1500), "JPEG", quality=90), 256)
     assert a.shape == (256, 256, 3)
     ref = np.asarray(photo(2000, 1500).resize((341, 256), Image.BICUBIC).crop((42, 0, 298, 256)))
     assert np.abs(a.astype(int) - ref.astype(int)).mean() < 12  # same picture, small resampling differences
+
+
+def test_load_square_equals_resizing_the_whole_image_then_cropping():
+    im = photo(640, 480, seed=3)
+    ref = np.asarray(im.resize((341, 256), Image.BICUBIC).crop((42, 0, 298, 256))).astype(int)
+    got = load_square(_save(im, "PNG"), 256).astype(int)
+    assert np.abs(got - ref).max() <= 2 and np.abs(got - ref).mean() < 0.3
+
+
+@pytest.mark.parametrize("w, h", [(50_000, 1), (1, 40_000), (65_000, 2)])
+def test_a_tiny_file_of_extreme_shape_costs_only_its_output(w, h):
+    """A 129-byte 50,000 x 1 PNG once made the resize allocate over 6 GB (shorter side 1 -> 256)."""
+    data = _save(Image.new("RGB", (w, h), (128, 64, 32)), "PNG")
+    assert len(data) < 2000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    out = load_square(data, 256)
+    assert out.shape == (256, 256, 3) and (out == (128, 64, 32)).all()
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grew_mb < 50, f"peak memory grew by {grew_mb:.0f} MB"
+    assert time.perf_counter() - t0 < 5  # a sanity bound, not a benchmark: it took over 8 s before the fix

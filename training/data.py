@@ -16,15 +16,20 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from models.images import DEFAULT_MAX_PIXELS, ImageError, load_square, probe_image
+if TYPE_CHECKING:
+    import torch
+
+from models.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
+
+from .cache import DecodeCache, map_images, verify_one
 
 SPLITS = ("train", "val", "test")
+# the folder names of an already split data set (any case): DATA/train, DATA/val|valid|validation, DATA/test
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "icon\r"}
 SKIP_DIRS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
 
@@ -79,11 +84,11 @@ class Manifest:
                 "files": [asdict(f) for f in self.files]}
 
 
-def _hidden(name: str) -> bool:
+def hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_FILES or name in SKIP_DIRS
 
 
-def _walk_files(top: Path) -> Iterator[Path]:
+def walk_files(top: Path) -> Iterator[Path]:
     """Every regular file under `top`, following symlinks but never entering a directory twice, nor one that
     contains `top` (a link back up to the data root would otherwise pull other classes in)."""
     seen: set[tuple[int, int]] = set()
@@ -103,7 +108,7 @@ def _walk_files(top: Path) -> Iterator[Path]:
         except OSError:
             continue
         for e in entries:
-            if _hidden(e.name):
+            if hidden(e.name):
                 continue
             try:
                 if e.is_dir(follow_symlinks=True):
@@ -120,7 +125,7 @@ def _walk_files(top: Path) -> Iterator[Path]:
 
 def _class_dirs(root: Path) -> list[Path]:
     try:
-        return sorted(p for p in root.iterdir() if not _hidden(p.name) and p.is_dir())
+        return sorted(p for p in root.iterdir() if not hidden(p.name) and p.is_dir())
     except OSError as e:
         raise FileNotFoundError(f"cannot read the data folder {root}: {e.strerror or e}") from None
 
@@ -156,31 +161,30 @@ def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
     top = _class_dirs(root)
-    names = {p.name for p in top}
-    presplit = {"train", "val"} <= names or {"train", "valid"} <= names
+    names = {p.name.lower() for p in top}
+    presplit = "train" in names and bool(names & (set(SPLIT_FOLDERS) - {"train"}))
     files: list[FileRecord] = []
     if presplit:
-        aliases = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+        aliases = {k: v for k, v in SPLIT_FOLDERS.items()}
+        top = [d for d in top if d.name.lower() in aliases]
         for d in top:
-            split = aliases.get(d.name)
-            if split is None:
-                continue
+            split = aliases[d.name.lower()]
             for cdir in _class_dirs(d):
-                for p in _walk_files(cdir):
+                for p in walk_files(cdir):
                     rec = _record(root, p, cdir.name, max_pixels)
                     rec.split = split
                     files.append(rec)
-        classes = sorted({f.label for f in files} | {c.name for d in top if d.name in aliases for c in _class_dirs(d)})
+        classes = sorted({f.label for f in files} | {c.name for d in top for c in _class_dirs(d)})
     else:
         classes = [d.name for d in top]
         for d in top:
-            for p in _walk_files(d):
+            for p in walk_files(d):
                 files.append(_record(root, p, d.name, max_pixels))
     _mark_duplicates(files)
     if verify:
         todo = [f for f in files if f.problem is None]
-        results = _map([(str(root / f.path), 64, "bilinear", max_pixels) for f in todo], workers, progress=False,
-                       fn=_verify_one)
+        results = map_images([(str(root / f.path), 64, "bilinear", max_pixels) for f in todo], workers, progress=False,
+                             fn=verify_one)
         for f, (problem, detail) in zip(todo, results):
             if problem:
                 f.problem, f.detail = problem, detail
@@ -211,16 +215,18 @@ def _mark_duplicates(files: list[FileRecord]) -> None:
 
 
 def split_manifest(m: Manifest, val_fraction: float = 0.2, seed: int = 0) -> Manifest:
-    """Stratified, seeded split of a class-per-folder manifest (a pre-split one is left as it is).
+    """Stratified, seeded validation split of the images that have no split yet: all of a class-per-folder manifest,
+    or DATA/train of a pre-split one that has test/ but no val/ (given val/ and test/ folders are kept as they are).
 
     Every class with at least two usable images gets at least one validation image. Exact duplicates were already
     reduced to one copy, so no image can straddle the split.
     """
-    if m.presplit:
+    if m.presplit and m.usable("val"):
         return m
+    pool = [f for f in m.usable() if f.split in ("", "train")]
     rng = random.Random(seed)
     by_class: dict[str, list[FileRecord]] = defaultdict(list)
-    for f in m.usable():
+    for f in pool:
         by_class[f.label].append(f)
     for label in m.classes:
         group = sorted(by_class[label], key=lambda f: f.sha256)  # order independent of the filesystem
@@ -270,114 +276,6 @@ def warnings_for(m: Manifest) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------- cache
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PUPIL_CACHE", Path.home() / ".cache" / "pupil"))
-
-
-def _decode_one(args: tuple[str, int, str, int]) -> tuple[np.ndarray | None, str | None, str | None]:
-    path, size, interpolation, max_pixels = args
-    try:
-        return load_square(path, size, interpolation=interpolation, max_pixels=max_pixels), None, None
-    except ImageError as e:
-        return None, e.problem, e.detail
-    except Exception as e:  # a decoder bug must not stop training either
-        return None, "corrupt", f"{type(e).__name__}: {e}"
-
-
-@dataclass
-class DecodeCache:
-    """uint8 images (N x S x S x 3) at the training resolution in one memory-mapped file, keyed by content.
-
-    The key is the hash of the files' contents plus the size and interpolation, so a second run on the same data, and
-    every epoch after the first, decodes nothing. `decoded` counts the decodes this object did (0 on a cache hit).
-    """
-
-    images: np.ndarray
-    index: dict[str, int]  # sha256 -> row
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # sha256 -> (problem, detail)
-    decoded: int = 0
-    path: Path | None = None
-
-    @classmethod
-    def build(
-        cls,
-        root: str | Path,
-        records: Sequence[FileRecord],
-        size: int,
-        *,
-        interpolation: str = "bicubic",
-        cache_dir: Path | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        workers: int | None = None,
-        progress: bool = False,
-    ) -> "DecodeCache":
-        root = Path(root)
-        uniq: dict[str, FileRecord] = {}
-        for r in records:
-            uniq.setdefault(r.sha256, r)
-        hashes = sorted(uniq)
-        key = hashlib.sha256(("\n".join(hashes) + f"\n{size}\n{interpolation}\nv1").encode()).hexdigest()[:24]
-        cache_dir = Path(cache_dir or default_cache_dir()) / "decoded"
-        base = cache_dir / f"{key}-{size}px"
-        meta_path, data_path = base.with_suffix(".json"), base.with_suffix(".u8")
-        if meta_path.is_file() and data_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-                images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(meta["n"], size, size, 3))
-                failed = {k: tuple(v) for k, v in meta["failed"].items()}
-                return cls(images, {k: int(v) for k, v in meta["index"].items()}, failed, 0, data_path)
-            except (OSError, ValueError, KeyError):
-                pass  # a damaged cache is rebuilt, never trusted
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(str(root / uniq[h].path), size, interpolation, max_pixels) for h in hashes]
-        results = _map(jobs, workers, progress)
-        index: dict[str, int] = {}
-        failed: dict[str, tuple[str, str]] = {}
-        arrays = []
-        for h, (arr, problem, detail) in zip(hashes, results):
-            if arr is None:
-                failed[h] = (problem or "corrupt", detail or "")
-            else:
-                index[h] = len(arrays)
-                arrays.append(arr)
-        n = len(arrays)
-        tmp_data = data_path.with_name(data_path.name + f".{os.getpid()}.tmp")
-        mm = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3))
-        for i, a in enumerate(arrays):
-            mm[i] = a
-        mm.flush()
-        del mm
-        os.replace(tmp_data, data_path)
-        tmp_meta = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
-        tmp_meta.write_text(json.dumps({"n": max(n, 1), "index": index, "failed": failed, "size": size}))
-        os.replace(tmp_meta, meta_path)
-        images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(max(n, 1), size, size, 3))
-        return cls(images, index, failed, len(jobs), data_path)
-
-
-def _verify_one(args: tuple[str, int, str, int]) -> tuple[str | None, str | None]:
-    _, problem, detail = _decode_one(args)
-    return problem, detail
-
-
-def _map(jobs: list, workers: int | None, progress: bool, fn=_decode_one) -> list:
-    """fn over jobs, in order, on `workers` processes (the decode is CPU-bound and holds the GIL in places)."""
-    from tqdm import tqdm
-
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    bar = dict(total=len(jobs), desc="decode (once)", unit="img", disable=not progress, leave=False)
-    if workers <= 1 or len(jobs) < 16:
-        return [fn(j) for j in tqdm(jobs, **bar)]
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    with ctx.Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, jobs, chunksize=8), **bar))
-
-
 def apply_cache_failures(records: Sequence[FileRecord], cache: DecodeCache) -> None:
     """Files that failed to decode become problems in the manifest (and are thereby excluded)."""
     for r in records:
@@ -407,16 +305,26 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def crop(self, i: int, size: int) -> np.ndarray:
+        """Image i's centre crop at the model's input size (uint8 HxWx3), as the Predictor would feed it."""
+        from models.preprocess import center
+
+        return np.ascontiguousarray(center(self.cache.images[self.rows[i]], size))
+
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[idx]
         order = np.argsort(rows)  # sorted reads are sequential on the memmap
         x = np.empty((len(rows),) + self.cache.images.shape[1:], dtype=np.uint8)
         x[order] = self.cache.images[rows[order]]
+        import torch
+
         return torch.from_numpy(x), torch.from_numpy(self.labels[idx])
 
 
 def iterate(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
             drop_last: bool = False, weights: torch.Tensor | None = None) -> Iterator[np.ndarray]:
+    import torch  # here, so that `pupil check` (scan, split) runs without importing torch
+
     if weights is not None:
         order = torch.multinomial(weights, n, replacement=True, generator=generator).numpy()
     elif shuffle:
@@ -426,28 +334,3 @@ def iterate(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generato
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for s in range(0, stop, batch_size):
         yield order[s:s + batch_size]
-
-
-def random_resized_crop_flip(
-    x: torch.Tensor, out_size: int, *, scale: tuple[float, float] = (0.35, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip for a whole float NCHW batch at once (one affine grid_sample)."""
-    n = x.shape[0]
-    g = generator
-    area = torch.empty(n).uniform_(*scale, generator=g)
-    logr = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=g)
-    r = torch.exp(logr)
-    w = torch.sqrt(area * r).clamp(max=1.0)
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=g) < hflip, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    theta = theta.to(x.device, x.dtype)
-    grid = F.affine_grid(theta, [n, x.shape[1], out_size, out_size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

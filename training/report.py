@@ -1,7 +1,7 @@
 """The report: one self-contained HTML page (every image embedded) plus each plot as a PNG beside it.
 
-It answers a user's first questions without them writing a line: how good is it really (metrics on held-out
-data), where does it fail (per-class table, confusion matrix, the most confidently wrong images), can I trust its
+It answers a user's first questions without them writing a line: how good is it really (metrics on the validation
+split, and on an untouched test split when the data has one), where does it fail (per-class table, confusion matrix, the most confidently wrong images), can I trust its
 confidence (reliability before/after temperature scaling), and what is it looking at (Grad-CAM overlays).
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ class Mistake:
 def confident_mistakes(model, spec, probs: np.ndarray, labels: np.ndarray, classes: list[str], paths: Sequence[str],
                        image_of: Callable[[int], np.ndarray], n: int = 12) -> list[Mistake]:
     """The n wrong predictions with the highest calibrated confidence, each with a Grad-CAM of the predicted class."""
-    from models.gradcam import gradcam, overlay, png_bytes
+    from models.explain import overlay, png_bytes
+    from models.gradcam import gradcam
 
     if len(labels) == 0:
         return []
@@ -56,8 +57,9 @@ def _fig_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_curves(history: list[dict[str, Any]]) -> bytes | None:
-    if not history:
+def plot_curves(history: list[dict[str, Any]], probe: dict[str, Any] | None = None) -> bytes | None:
+    """Loss, accuracy and learning rate per epoch; the probe (head only, before the fine-tune) is epoch 0."""
+    if not history and not (probe and "val_loss" in probe):
         return None
     import matplotlib
 
@@ -65,22 +67,23 @@ def plot_curves(history: list[dict[str, Any]]) -> bytes | None:
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
+    val_rows = ([(0, probe)] if probe and "val_loss" in probe else []) + [(h["epoch"], h) for h in history
+                                                                          if "val_loss" in h]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    if "val_loss" in history[0]:
-        axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
-    axes[0].set_title("loss")
-    axes[1].plot(ep, [h["train_acc"] for h in history], "o-", label="train")
-    if "val_acc" in history[0]:
-        axes[1].plot(ep, [h["val_acc"] for h in history], "o-", label="validation")
-    axes[1].set_title("accuracy")
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        if history:
+            ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
+        if val_rows:
+            ax.plot([e for e, _ in val_rows], [r[f"val_{key}"] for _, r in val_rows], "o-", label="validation")
+        if probe and "val_loss" in probe:
+            ax.plot([0], [probe[f"val_{key}"]], "s", color="#d62728", label="probe (epoch 0)")
+        ax.set_title(title)
+        ax.legend()
     axes[2].plot(ep, [h["lr"] for h in history], "o-")
     axes[2].set_title("learning rate (start of epoch)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend()
     return _fig_png(fig)
 
 
@@ -157,17 +160,69 @@ td,th{border:1px solid #ddd;padding:.3em .7em;text-align:right}th{background:#f4
 .cards{display:flex;flex-wrap:wrap;gap:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.8em 1.2em}
 .card b{display:block;font-size:1.6em}.gallery{display:flex;flex-wrap:wrap;gap:1em}.g{border:1px solid #ddd;
 padding:.5em;font-size:.85em;max-width:280px}.g img{image-rendering:pixelated}img{max-width:100%}
-pre{background:#f7f7f7;padding:1em;overflow:auto}
+pre{background:#f7f7f7;padding:1em;overflow:auto}.warn{background:#fff6e0;border-left:4px solid #e0a000;padding:.6em 1em}
 """
+
+
+def _metric_cards(metrics: dict[str, Any]) -> str:
+    cards = [("accuracy", metrics.get("accuracy")), ("balanced accuracy", metrics.get("balanced_accuracy")),
+             ("macro F1", metrics.get("macro_f1")), ("ECE (calibrated)", metrics.get("ece")),
+             ("ECE (raw)", metrics.get("ece_uncalibrated")), ("log loss", metrics.get("nll"))]
+    cards += [(f"{k} accuracy", v) for k, v in metrics.get("top_k_accuracy", {}).items() if k != "top1"]
+    return "<div class=cards>" + "".join(f"<div class=card>{html.escape(k)}<b>{_fmt(v)}</b></div>"
+                                          for k, v in cards if v is not None) + "</div>"
+
+
+def _test_section(test: dict[str, Any] | None, classes: list[str], evaluated: bool) -> str:
+    if not evaluated:
+        return ""
+    if not test:
+        return ("<h2>Test</h2><p class=warn><b>No untouched test set was given.</b> Every number on this page was "
+                "measured on the validation split, which also chose the epoch, the probe's head, the temperature "
+                "and the threshold, so it is optimistic. For an honest figure, put images that training must never "
+                "see in <code>DATA/test/&lt;class&gt;/</code> (beside <code>DATA/train/</code>, with or without "
+                "<code>DATA/val/</code>) and train again, or keep a folder aside and run <code>pupil evaluate "
+                "runs/NAME FOLDER</code>.</p>")
+    per = test["per_class"]
+    return ("<h2>Test: the honest number</h2><p>The test split was never used for any choice (not the epoch, not the "
+            "probe's head, not the temperature, not the threshold): it was evaluated once, after training ended."
+            f"</p><p class=sub>{test['n']} test images</p>" + _metric_cards(test)
+            + _table([[c, per[c]["precision"], per[c]["recall"], per[c]["f1"], per[c]["support"]] for c in classes],
+                     ["class", "precision", "recall", "F1", "support"]))
+
+
+def _probe_note(history: list[dict[str, Any]], probe: dict[str, Any] | None, best_epoch: int | None) -> str:
+    """What happened between the probe and the fine-tune, in words."""
+    if not history or not probe or "val_acc" not in probe or best_epoch is None:
+        return ""
+    best_ft = max(history, key=lambda h: h.get("val_acc", 0.0))
+    if best_epoch > 0:
+        return (f"<p>The fine-tune beat the linear probe: epoch {best_epoch} was kept (probe: validation accuracy "
+                f"{probe['val_acc']:.3f}).</p>")
+    train_gap = max(h["train_acc"] for h in history) - best_ft.get("val_acc", 0.0)
+    cause = ("the training accuracy rose well above the validation accuracy: it over-fitted the few training images"
+             if train_gap > 0.1 else
+             "the training accuracy stayed low too: the augmentation or the learning rate kept it from fitting")
+    return ("<p class=warn><b>The fine-tune did not beat the linear probe</b> (probe: validation accuracy "
+            f"{probe['val_acc']:.3f}; best fine-tuned epoch {best_ft['epoch']}: {best_ft.get('val_acc', 0):.3f}), so "
+            f"the probed model was kept. Likely cause: {cause}. Try: <code>--lr auto</code> or a lower "
+            "<code>--lr</code>; <code>--crop-scale 0.7</code> when the class depends on a small detail that a "
+            "zoomed-in crop can cut out; <code>--flips d8</code> for data with no up or down; more epochs with "
+            "<code>--ema</code>; or more images.</p>")
 
 
 def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes: list[str],
                  history: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
-                 data_summary: dict[str, Any] | None = None, mistakes: Sequence[Mistake] = ()) -> Path:
-    """Write report.html and the plots (curves.png, confusion.png, reliability.png) into out_dir."""
+                 data_summary: dict[str, Any] | None = None, mistakes: Sequence[Mistake] = (),
+                 probe: dict[str, Any] | None = None, test: dict[str, Any] | None = None,
+                 best_epoch: int | None = None, split: str = "validation") -> Path:
+    """Write report.html and the plots (curves.png, confusion.png, reliability.png) into out_dir.
+
+    metrics: those of `split` (a training run's validation split; the folder `pupil evaluate` was given). test: a
+    training run's test split, or {} when it had none (the page then says so); None for `pupil evaluate`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots: dict[str, bytes] = {}
-    curves = plot_curves(history or [])
+    curves = plot_curves(history or [], probe)
     if curves:
         plots["curves.png"] = curves
     if metrics.get("n"):
@@ -179,40 +234,40 @@ def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes:
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     n = metrics.get("n", 0)
-    parts.append(f'<p class=sub>{n} held-out images, {len(classes)} classes; scores calibrated with temperature '
-                 f'{metrics.get("temperature", 1.0):.3f}</p>')
-    cards = [("accuracy", metrics.get("accuracy")), ("balanced accuracy", metrics.get("balanced_accuracy")),
-             ("macro F1", metrics.get("macro_f1")), ("ECE (calibrated)", metrics.get("ece")),
-             ("ECE (raw)", metrics.get("ece_uncalibrated")), ("log loss", metrics.get("nll"))]
-    cards += [(f"{k} accuracy", v) for k, v in metrics.get("top_k_accuracy", {}).items() if k != "top1"]
-    parts.append("<div class=cards>" + "".join(f"<div class=card>{html.escape(k)}<b>{_fmt(v)}</b></div>"
-                                                for k, v in cards if v is not None) + "</div>")
+    chose = " (it also chose the epoch, the temperature and the threshold, so these figures are optimistic)" \
+        if split == "validation" else ""
+    parts.append(f'<p class=sub>{n} {html.escape(split)} images{chose}, {len(classes)} classes; scores calibrated '
+                 f'with temperature {metrics.get("temperature", 1.0):.3f}</p>')
+    parts.append(_metric_cards(metrics))
     ab = metrics.get("abstention") or {}
     if ab.get("threshold") is not None:
         parts.append(f"<p><b>Abstention:</b> answers with a calibrated score under {ab['threshold']:.3f} are flagged "
                      f"<code>abstained</code> (\"not sure\"). On this split the accepted {100 * ab['coverage']:.1f}% "
                      f"are {100 * ab['precision']:.1f}% right (target {100 * ab['target_precision']:.0f}%"
                      f"{'' if ab['met'] else ', not reached: the model is not that precise at any threshold'}).</p>")
+    parts.append(_test_section(test, classes, evaluated=test is not None))
     if data_summary:
         parts.append("<h2>Data</h2>")
         counts = data_summary.get("counts", {})
         splits = list(counts)
         rows = [[c] + [counts[s].get(c, 0) for s in splits] for c in classes]
-        parts.append(_table(rows, ["class"] + splits))
+        parts.append(_table(rows, ["class"] + ["validation" if s == "val" else s for s in splits]))
         skipped = data_summary.get("skipped", [])
         parts.append(f"<p>{len(skipped)} file(s) skipped.</p>")
         if skipped:
             parts.append(_table([[s["path"], s["problem"], s.get("detail") or ""] for s in skipped],
                                 ["file", "problem", "detail"]))
     if curves:
-        parts.append("<h2>Training curves</h2>" + _img(curves, "training curves"))
+        parts.append("<h2>Training curves</h2><p>Epoch 0 is the linear probe (the new head alone, on frozen "
+                     "features); the fine-tune follows.</p>" + _img(curves, "training curves"))
+        parts.append(_probe_note(history or [], probe, best_epoch))
     lr_plot = out_dir / "lr_find.png"
     if lr_plot.is_file() and config and config.get("lr_find"):
         parts.append(f"<h2>Learning rate</h2><p><code>--lr auto</code> chose {config['lr']:.3g}: a tenth of the rate "
                      f"where the range test's smoothed loss was lowest.</p>" + _img(lr_plot.read_bytes(), "LR range test"))
     if n:
         per = metrics["per_class"]
-        parts.append("<h2>Per class</h2>")
+        parts.append(f"<h2>Per class ({html.escape(split)})</h2>")
         parts.append(_table([[c, per[c]["precision"], per[c]["recall"], per[c]["f1"], per[c]["support"]] for c in classes],
                             ["class", "precision", "recall", "F1", "support"]))
         parts.append(f"<p>macro F1 {metrics['macro_f1']:.4f}, weighted F1 {metrics['weighted_f1']:.4f}</p>")

@@ -21,25 +21,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.runtime import autocast
+
+from .augment import training_batch
 from .data import ImageSet, iterate
+from .loop import TrainSetup, optimizer_step, param_groups, train_mode
 
 
-def lr_range_test(model: torch.nn.Module, train: ImageSet, spec, device: torch.device, cfg, amp,
-                  class_weights: torch.Tensor | None = None, steps: int = 100, start: float = 1e-7,
-                  end: float = 1.0, diverge: float = 4.0, smoothing: float = 0.9) -> dict[str, Any]:
+def lr_range_test(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, batch_size: int, steps: int = 100,
+                  start: float = 1e-7, end: float = 1.0, diverge: float = 4.0, smoothing: float = 0.9) -> dict[str, Any]:
     """Run the range test on a copy of `model`; return lrs, raw and smoothed losses, and the suggestion."""
-    from .fit import _param_groups, autocast, make_policy, optimizer_step, train_mode, training_batch
-
+    cfg, device, amp = setup.cfg, setup.device, setup.amp
     net = copy.deepcopy(model)
     # lr=1 gives each group its ratio to the peak rate (head 1, pretrained backbone 1/10)
-    opt = torch.optim.AdamW(_param_groups(net, 1.0, cfg.weight_decay, not cfg.from_scratch))
+    opt = torch.optim.AdamW(param_groups(net, 1.0, cfg.weight_decay, not cfg.from_scratch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     order = torch.Generator().manual_seed(cfg.seed + 7)
     aug = torch.Generator().manual_seed(cfg.seed + 8)
-    policy = make_policy(cfg.augment)
-    weight = class_weights.to(device) if class_weights is not None else None
+    weight = setup.class_weights
     train_mode(net, cfg)
-    batch = max(1, min(cfg.batch_size or 32, len(train)))
+    batch = max(1, min(batch_size or 32, len(train)))
     mult = (end / start) ** (1 / max(1, steps - 1))
     lrs: list[float] = []
     raw: list[float] = []
@@ -50,7 +51,7 @@ def lr_range_test(model: torch.nn.Module, train: ImageSet, spec, device: torch.d
             lr = start * mult ** len(lrs)
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * lr
-            x, y = training_batch(train, idx, spec, device, policy, aug)
+            x, y = training_batch(train, idx, setup.spec, device, setup.policy, aug, cfg.crop_scale, cfg.flips)
             with autocast(device, amp):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
@@ -118,7 +119,6 @@ def auto_batch_size(model: torch.nn.Module, spec, device: torch.device, amp, n_t
                     start: int = 16, limit: int = 512) -> int:
     """The largest power of two (start ... limit, at most the training set) whose forward + backward fits on the
     GPU; 32 on other devices. The weights are not changed (no optimizer step; gradients are dropped)."""
-    from .fit import autocast
 
     if device.type != "cuda":
         return 32
@@ -145,41 +145,3 @@ def auto_batch_size(model: torch.nn.Module, spec, device: torch.device, amp, n_t
     if not fits:
         raise RuntimeError(f"not even a batch of {start} images of {size}px fits in GPU memory; try a smaller --img-size")
     return fits
-
-
-def run_lr_find(cfg) -> dict[str, Any]:
-    """`pupil lr-find`: the same data, model, probe and augmentation as `pupil train` with these settings, then the
-    range test; writes lr_find.png and lr_find.json to cfg.out and returns the summary."""
-    import json
-    import time
-
-    from models.predictor import pick_device
-
-    from .fit import _balance, amp_dtype, linear_probe, log, prepare, setup_distributed
-
-    cfg = cfg.resolved()
-    if cfg.out.startswith(str(Path("runs") / cfg.model)):  # resolved()'s default run name
-        cfg.out = str(Path("runs") / f"lr-find-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.manual_seed(cfg.seed)
-    dist, device = setup_distributed(pick_device(cfg.device))
-    amp = amp_dtype(device, cfg.amp)
-    prep = prepare(cfg, dist, device)
-    class_weights, _, _ = _balance(cfg.balance, prep.train.labels, len(prep.classes))
-    if cfg.stages in ("probe", "both"):  # the fine-tune starts from the probed head: so does the test
-        linear_probe(prep.model, prep.train, prep.val, prep.spec, device, cfg, prep.classes, class_weights, amp)
-    if cfg.batch_size <= 0:
-        cfg.batch_size = auto_batch_size(prep.model, prep.spec, device, amp, len(prep.train))
-    t0 = time.perf_counter()
-    result = lr_range_test(prep.model, prep.train, prep.spec, device, cfg, amp, class_weights, steps=cfg.lr_find_steps)
-    out = Path(cfg.out)
-    plot = plot_lr_find(result, out / "lr_find.png", f"{prep.spec.architecture}: learning-rate range test",
-                        pretrained=not cfg.from_scratch)
-    summary = {"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"],
-               "steepest_lr": result.get("steepest_lr"), "steps": len(result["lrs"]), "diverged": result["diverged"],
-               "seconds": round(time.perf_counter() - t0, 1), "plot": str(plot),
-               "train": f"pupil train {cfg.data} --model {cfg.model} --lr {result['suggested_lr']:.3g}"}
-    (out / "lr_find.json").write_text(json.dumps({**summary, "lrs": result["lrs"], "losses": result["losses"],
-                                                  "smoothed": result["smoothed"]}, indent=1) + "\n")
-    log(f"lr-find: suggested learning rate {result['suggested_lr']:.2g} (lowest smoothed loss at "
-        f"{result['min_loss_lr']:.2g}); plot {plot}")
-    return summary

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import make_shapes_folder
 from tests.corpus import bad_files, big_jpeg, good_files
-from training.fit import TrainConfig, fit
+from training.fit import fit
 
 GOOD = good_files()
 GOOD["dslr_24mp.jpg"] = (big_jpeg(), (6000, 4000))
@@ -31,7 +31,7 @@ def corpus_dir(tmp_path_factory):
 
 
 def test_check_reports_every_broken_file_and_accepts_every_good_one(corpus_dir):
-    r = subprocess.run([sys.executable, "-m", "training", "check", str(corpus_dir), "--json"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "pupil", "check", str(corpus_dir), "--json"], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -40,9 +40,8 @@ def test_check_reports_every_broken_file_and_accepts_every_good_one(corpus_dir):
     assert report["classes"] == {"blue": 12, "red": 12 + len(GOOD)}
 
 
-def test_training_skips_exactly_the_broken_files(corpus_dir, tmp_path):
-    r = fit(TrainConfig(data=str(corpus_dir), model="small_cnn", width=8, img_size=32, epochs=2, batch_size=8,
-                        out=str(tmp_path / "run"), progress=False, workers=2))
+def test_training_skips_exactly_the_broken_files(corpus_dir, tiny_config):
+    r = fit(tiny_config(corpus_dir, epochs=2, workers=2))
     skipped = {s["path"]: s["problem"] for s in r.metrics["skipped"]}
     assert skipped == {f"blue/bad {n}": problem for n, (_, problem) in BAD.items()}
     assert sum(r.metrics["counts"]["train"].values()) + sum(r.metrics["counts"]["val"].values()) == 24 + len(GOOD)

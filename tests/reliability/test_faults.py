@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from models import ArtifactError, create_model, load_artifact, save_artifact
-from training.fit import load_checkpoint
+from training.state import load_checkpoint
 
 WRITER = """
 import sys, torch
-from training.fit import save_checkpoint
+from training.state import save_checkpoint
 path, i = sys.argv[1], 0
 while True:  # ~40 MB checkpoints, each tagged with its number, as fast as the disk takes them
     i += 1
@@ -65,7 +65,7 @@ def test_damaged_artifacts_are_refused_by_name_by_load_and_serve(artifact, damag
     culprit = "config.json" if "config" in damage or damage == "bad_json" else "model.safetensors"
     with pytest.raises(ArtifactError, match=culprit):
         load_artifact(artifact)
-    r = subprocess.run([sys.executable, "-m", "training", "serve", str(artifact), "--port", "1"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "pupil", "serve", str(artifact), "--port", "1"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and culprit in r.stderr, r.stderr
 

@@ -1,3 +1,4 @@
+"""`python -m pupil ...` is the `pupil` command."""
 import sys
 
 from .cli import main

@@ -9,21 +9,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .data import default_cache_dir
+from training.cache import default_cache_dir
 
 
 def elpv_root() -> Path:
     import elpv_dataset
 
     return Path(elpv_dataset.__file__).parent / "data"
+
+
+def elpv_labels() -> list[tuple[str, float, str]]:
+    """(relative image path, defect probability, module type) for every ELPV image."""
+    rows = []
+    for line in (elpv_root() / "labels.csv").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            rows.append((parts[0], float(parts[1]), parts[2]))
+    return rows
+
+
+def link(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.symlink_to(src)
+    except OSError:  # filesystems without symlinks: copy (still outside the repository)
+        dst.write_bytes(src.read_bytes())
 
 
 def materialise_elpv(dest: Path | None = None) -> Path:
@@ -33,43 +50,10 @@ def materialise_elpv(dest: Path | None = None) -> Path:
     done = dest / ".complete"
     if done.is_file():
         return dest
-    for c in ("functional", "defective"):
-        (dest / c).mkdir(parents=True, exist_ok=True)
-    for line in (src / "labels.csv").read_text().splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        rel, prob, kind = parts[0], float(parts[1]), parts[2]
-        label = "defective" if prob >= 0.5 else "functional"
-        link = dest / label / f"{kind}_{Path(rel).name}"
-        if not link.exists():
-            try:
-                link.symlink_to(src / rel)
-            except OSError:  # filesystems without symlinks: copy (still outside the repository)
-                link.write_bytes((src / rel).read_bytes())
+    for rel, prob, kind in elpv_labels():
+        link(src / rel, dest / ("defective" if prob >= 0.5 else "functional") / f"{kind}_{Path(rel).name}")
     done.write_text("ELPV data set, CC BY-NC-SA 4.0, https://github.com/zae-bayern/elpv-dataset\n")
     return dest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the server at {url} was not ready within {timeout:.0f}s")
 
 
 def post_image(url: str, path: Path, field: str = "image") -> tuple[int, dict]:
@@ -87,15 +71,20 @@ def post_image(url: str, path: Path, field: str = "image") -> tuple[int, dict]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .fit import TrainConfig, fit
+    from training.config import TrainConfig
+    from training.data import scan, split_manifest, trainability
+    from training.fit import fit
+
+    from .server import Server
 
     say = lambda msg: print(f"\n== {msg}", flush=True)  # noqa: E731
     say("1/4 data: the ELPV solar-cell data set from the elpv-dataset package (CC BY-NC-SA 4.0)")
     data = materialise_elpv()
-    check = subprocess.run([sys.executable, "-m", "training", "check", str(data)], capture_output=True, text=True)
-    print(check.stdout.strip().splitlines()[0] if check.stdout else check.stderr)
-    if check.returncode != 0:
-        print(check.stdout, check.stderr)
+    manifest = split_manifest(scan(data), 0.2, 0)
+    reason = trainability(manifest)
+    print(f"{data}: {len(manifest.classes)} classes, {manifest.counts()}")
+    if reason:
+        print(f"not trainable: {reason}", file=sys.stderr)
         return 2
 
     say(f"2/4 fine-tune efficientnet_lite0 from bundled ImageNet weights ({args.epochs} epochs, "
@@ -105,33 +94,23 @@ def run_demo(args: argparse.Namespace) -> int:
                              progress=sys.stderr.isatty()))
     val = result.metrics["val"]
     print(f"validation accuracy {val['accuracy']:.3f}, balanced accuracy {val['balanced_accuracy']:.3f}, "
-          f"macro-F1 {val['macro_f1']:.3f} on {val['n']} held-out images (published fine-tuned CNN: 0.884)")
+          f"macro-F1 {val['macro_f1']:.3f} on {val['n']} validation images (published fine-tuned CNN: 0.884 on a "
+          "test split; the demo trains briefly on a subset)")
 
     say("3/4 serve it with BentoML")
-    port = args.port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "training", "serve", str(result.artifact_dir),
-                             "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        try:
-            wait_ready(url, proc)
-        except (RuntimeError, TimeoutError) as e:
-            print(f"pupil demo: {e}\n{proc.stderr.read() if proc.poll() is not None else ''}", file=sys.stderr)
-            return 1
-        say("4/4 one real request: curl -F image=@<a held-out defective cell> " + f"{url}/classify")
+        server = Server.for_artifact(result.artifact_dir, port=args.port or 0,
+                                     log=result.run_dir / "serve.log").start()
+    except (RuntimeError, TimeoutError) as e:
+        print(f"pupil demo: {e}", file=sys.stderr)
+        return 1
+    try:
+        say("4/4 one real request: curl -F image=@<a validation image of a defective cell> " + f"{server.url}/classify")
         split = json.loads((result.run_dir / "split.json").read_text())
         sample = next((p for p in split.get("val", []) if p.startswith("defective/")), split["val"][0])
-        status, answer = post_image(f"{url}/classify", data / sample)
+        status, answer = post_image(f"{server.url}/classify", data / sample)
         print(f"POST /classify {sample} -> HTTP {status}")
         print(json.dumps(answer, indent=2))
         return 0 if status == 200 else 1
     finally:
-        try:
-            os.killpg(proc.pid, 15)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        server.stop()

@@ -1,5 +1,6 @@
-"""`pupil verify`: parity as a contract. The same images through the torch model, the ONNX export and a live
-service; it fails unless the top-1 labels agree everywhere and every score agrees within the tolerance.
+"""`pupil verify`: parity as a contract. The same images through the torch model, the ONNX export and a live service
+(one started here, or a running one such as the container: --url); it fails unless the top-1 labels agree everywhere
+and every score agrees within the tolerance.
 
 Default images: up to 12 of the run's validation images (split.json) plus odd variants made from the first of them
 on the spot (a 12-megapixel JPEG, CMYK, 16-bit grayscale, EXIF-rotated, RGBA), so the decode path is covered too.
@@ -7,9 +8,6 @@ on the spot (a 12-megapixel JPEG, CMYK, 16-bit grayscale, EXIF-rotated, RGBA), s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +34,6 @@ def odd_variants(src: Path, out: Path) -> list[Path]:
 
     im = Image.open(src).convert("RGB")
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     big = out / "large_12mp.jpg"
     im.resize((4000, 3000), Image.BICUBIC).save(big, quality=90)
     cmyk = out / "cmyk.jpg"
@@ -49,8 +46,7 @@ def odd_variants(src: Path, out: Path) -> list[Path]:
     im.transpose(Image.Transpose.ROTATE_90).save(rot, quality=95, exif=exif.tobytes())
     rgba = out / "rgba.png"
     im.convert("RGBA").save(rgba)
-    paths += [big, cmyk, g16, rot, rgba]
-    return paths
+    return [big, cmyk, g16, rot, rgba]
 
 
 def _compare(name: str, a: np.ndarray, b: np.ndarray, labels: list[str], files: list[Path]) -> list[str]:
@@ -64,22 +60,23 @@ def _compare(name: str, a: np.ndarray, b: np.ndarray, labels: list[str], files: 
     return problems
 
 
-def verify(artifact_dir: str | Path, images: list[Path] | None = None, *, serve: bool = True,
+def verify(artifact_dir: str | Path, images: list[Path] | None = None, *, serve: bool = True, url: str | None = None,
            log=print) -> tuple[bool, dict]:
-    from models.artifact import load_artifact, sha256_file
-    from models.export import ONNX, ensure_onnx
+    from models.artifact import read_artifact, sha256_file
+    from models.export import ensure_onnx
+    from models.onnxrt import ONNX
     from models.predictor import Predictor
 
     artifact_dir = Path(artifact_dir)
-    art = load_artifact(artifact_dir)
+    art = read_artifact(artifact_dir)
     onnx = artifact_dir / ONNX
     recorded = (art.info.get("onnx") or {}).get("sha256")
     problems: list[str] = []
     if onnx.is_file() and recorded and sha256_file(onnx) != recorded:
         problems.append(f"{onnx} does not match the onnx_sha256 recorded in config.json: altered after export")
-    if not onnx.is_file():
+    else:
         ensure_onnx(artifact_dir)
-        art = load_artifact(artifact_dir)
+    art = read_artifact(artifact_dir)
     with tempfile.TemporaryDirectory() as tmp:
         files = list(images or default_images(artifact_dir))
         if not files:
@@ -89,15 +86,15 @@ def verify(artifact_dir: str | Path, images: list[Path] | None = None, *, serve:
         arrays = np.stack([torch_p.load(f) for f in files])
         p_torch = torch_p.probabilities(arrays)
         report: dict = {"images": len(files), "tolerance": TOLERANCE}
-        try:
-            onnx_p = Predictor(art, backend="onnx", device="cpu")
-            p_onnx = onnx_p.probabilities(arrays)
-            problems += _compare("onnx vs torch", p_onnx, p_torch, art.labels, files)
-            report["onnx_max_abs"] = float(np.abs(p_onnx - p_torch).max())
-        except Exception as e:  # an altered file may not even load
-            problems.append(f"onnx: cannot run {onnx}: {type(e).__name__}: {str(e)[:200]}")
-        if serve:
-            p_http, err = _through_service(artifact_dir, files, len(art.labels))
+        if not problems:
+            try:
+                p_onnx = Predictor(art, backend="onnx").probabilities(arrays)
+                problems += _compare("onnx vs torch", p_onnx, p_torch, art.labels, files)
+                report["onnx_max_abs"] = float(np.abs(p_onnx - p_torch).max())
+            except Exception as e:  # an altered file may not even load
+                problems.append(f"onnx: cannot run {onnx}: {type(e).__name__}: {str(e)[:200]}")
+        if url or serve:
+            p_http, err = _through_service(artifact_dir, files, url)
             if err:
                 problems.append(err)
             else:
@@ -109,34 +106,28 @@ def verify(artifact_dir: str | Path, images: list[Path] | None = None, *, serve:
     return not problems, report
 
 
-def _through_service(artifact_dir: Path, files: list[Path], k: int) -> tuple[np.ndarray | None, str | None]:
-    import httpx
+def _through_service(artifact_dir: Path, files: list[Path], url: str | None) -> tuple[np.ndarray | None, str | None]:
+    from .server import Server
 
-    from .demo import free_port, wait_ready
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "training", "serve", str(artifact_dir), "--port", str(port),
-                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    if url:
+        return _ask(url.rstrip("/"), files)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        out = []
-        with httpx.Client(timeout=60) as c:
-            for f in files:
-                r = c.post(f"http://127.0.0.1:{port}/classify", files={"image": (f.name, f.read_bytes())},
-                           data={"top_k": str(k)})
-                if r.status_code != 200:
-                    return None, f"service: HTTP {r.status_code} on {f.name}: {r.text[:200]}"
-                by = {p["label"]: p["score"] for p in r.json()["predictions"]}
-                out.append(by)
-        meta = httpx.post(f"http://127.0.0.1:{port}/metadata").json()
-        labels = meta["classes"]
-        return np.array([[row[l] for l in labels] for row in out]), None
+        with Server.for_artifact(artifact_dir) as s:
+            return _ask(s.url, files)
     except (RuntimeError, TimeoutError) as e:
         return None, f"service: {e}"
-    finally:
-        try:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+
+
+def _ask(url: str, files: list[Path]) -> tuple[np.ndarray | None, str | None]:
+    import httpx
+
+    with httpx.Client(timeout=60) as c:
+        labels = c.post(f"{url}/metadata").json()["classes"]
+        out = []
+        for f in files:
+            r = c.post(f"{url}/classify", files={"image": (f.name, f.read_bytes())}, data={"top_k": str(len(labels))})
+            if r.status_code != 200:
+                return None, f"service: HTTP {r.status_code} on {f.name}: {r.text[:200]}"
+            by = {p["label"]: p["score"] for p in r.json()["predictions"]}
+            out.append([by[lbl] for lbl in labels])
+    return np.array(out), None

@@ -1,0 +1,51 @@
+"""buildah as the container build and the container test both use it: the storage driver, image facts, names."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+IMAGE = "localhost/pupil-service"  # the CPU image; the GPU one is IMAGE + "-gpu"
+WORK = Path(os.environ.get("PUPIL_CONTAINER_WORK", "/var/tmp/pupil-container"))
+CONTAINER_CERT = "/etc/ssl/certs/ca-certificates.crt"  # where Debian's ca-certificates keeps the bundle
+ENTRYPOINT = "/home/bentoml/bento/env/docker/entrypoint.sh"
+
+
+def say(msg: str) -> None:
+    print(f"== {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def storage_driver() -> str:
+    """overlay where the kernel allows it here (fast), vfs otherwise (always works, copies every layer)."""
+    forced = os.environ.get("PUPIL_BUILDAH_DRIVER")
+    if forced:
+        return forced
+    r = subprocess.run(["buildah", "--storage-driver", "overlay", "images", "-q"], capture_output=True, text=True)
+    return "overlay" if r.returncode == 0 else "vfs"
+
+
+def buildah(*args: str) -> list[str]:
+    return ["buildah", "--storage-driver", storage_driver(), *args]
+
+
+def image_exists(name: str) -> bool:
+    return subprocess.run(buildah("inspect", "--type", "image", name), capture_output=True).returncode == 0
+
+
+def require_tools(*names: str) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        sys.exit(f"pupil container: {', '.join(missing)} not found; on Debian: apt-get install -y buildah debootstrap")
+
+
+def image_size(image: str) -> int:
+    """Bytes of the image (its layers, uncompressed)."""
+    out = subprocess.run(buildah("images", "--json", image), capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)[0]["size"])

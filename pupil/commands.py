@@ -1,0 +1,319 @@
+"""The `pupil` sub-commands, one small function each: they take the parsed arguments and return an exit code
+(0 fine, 1 a check failed, 2 the input cannot be used). The parser is in pupil/cli.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from models.runtime import ALLOCATOR_ENV
+
+
+def config_from_args(args: argparse.Namespace):
+    """TrainConfig from --config (or, with --resume, the run's own config.yaml), then the flags given."""
+    from training.config import TrainConfig
+
+    config_file = args.config
+    if not config_file and getattr(args, "resume", None) and args.out and (Path(args.out) / "config.yaml").is_file():
+        config_file = str(Path(args.out) / "config.yaml")  # resume with the run's own settings
+    base = TrainConfig.from_file(config_file) if config_file else TrainConfig()
+    updates = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+               if f.name != "data" and getattr(args, f.name, None) is not None}
+    return TrainConfig(**{**base.__dict__, **updates, "data": args.data or base.data})
+
+
+def _training_errors():
+    from models.pretrained import PretrainedError
+    from training.prepare import DataError
+
+    return (DataError, FileNotFoundError, ValueError, PretrainedError)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.fit import fit
+
+    cfg = config_from_args(args)
+    if not cfg.data:
+        print("pupil train: give a DATA folder (or a --config that names one)", file=sys.stderr)
+        return 2
+    try:
+        result = fit(cfg)
+    except _training_errors() as e:
+        print(f"pupil train: {e}", file=sys.stderr)
+        return 2
+    line = {"run": str(result.run_dir), "artifact": str(result.artifact_dir),
+            "val_accuracy": result.metrics["val"].get("accuracy")}
+    if result.metrics.get("test"):
+        line["test_accuracy"] = result.metrics["test"]["accuracy"]
+    print(json.dumps(line))
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from training.fit import lr_find
+
+    cfg = config_from_args(args)
+    if not cfg.data:
+        print("pupil lr-find: give a DATA folder (or a --config that names one)", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(lr_find(cfg)))
+    except _training_errors() as e:
+        print(f"pupil lr-find: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def image_paths(items: list[str]) -> list[Path]:
+    from training.data import hidden, walk_files
+
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        paths.extend(sorted(walk_files(p)) if p.is_dir() else [p])
+    return [p for p in paths if not hidden(p.name)]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from tqdm import tqdm
+
+    from models.predictor import Predictor
+
+    pred = Predictor(args.artifact, device=args.device, tta=args.tta, decode_threads=2)
+    paths = image_paths(args.images)
+    status = 0
+    writer, fh = None, None
+    if args.csv:
+        fh = open(args.csv, "w", newline="", encoding="utf-8")
+        writer = csv.writer(fh)
+        writer.writerow(["image", "label", "score", "abstained", "error", "detail"] + [f"p_{c}" for c in pred.labels])
+    bar = tqdm(total=len(paths), unit="img", disable=writer is None or not sys.stderr.isatty(), file=sys.stderr)
+    k = len(pred.labels) if writer else args.top_k
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        for p, res in zip(chunk, pred.predict(chunk, top_k=k, batch_size=args.batch_size, threshold=args.threshold)):
+            status = max(status, int("error" in res))
+            if writer is None:
+                print(json.dumps({"image": str(p), **res}), flush=True)
+            elif "error" in res:
+                writer.writerow([str(p), "", "", "", res["error"], res["detail"]] + [""] * len(pred.labels))
+            else:
+                by = {q["label"]: q["score"] for q in res["predictions"]}
+                top = res["predictions"][0]
+                writer.writerow([str(p), top["label"], f"{top['score']:.6f}", res.get("abstained", ""), "", ""]
+                                + [f"{by[c]:.6f}" for c in pred.labels])
+        bar.update(len(chunk))
+    bar.close()
+    if fh is not None:
+        fh.close()
+        print(f"wrote {len(paths)} rows to {args.csv}", file=sys.stderr)
+    return status
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.artifact import locate
+    from training.evaluate import evaluate_folder
+
+    art = locate(args.artifact)
+    out = Path(args.out) if args.out else (art.parent / f"eval-{Path(args.data).resolve().name}")
+    try:
+        r = evaluate_folder(art, args.data, out, device=args.device, tta=args.tta)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pupil evaluate: {e}", file=sys.stderr)
+        return 2
+    m = r["metrics"]
+    print(f"{m['n']} images ({r['split']}): accuracy {m['accuracy']:.4f}, balanced accuracy "
+          f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}, "
+          f"log loss {m['nll']:.4f}; {len(r['skipped'])} skipped")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from models.artifact import ArtifactError, load_artifact, locate, read_artifact
+
+    art_dir = locate(args.artifact)
+    try:
+        read_artifact(art_dir)  # a damaged artifact is refused, by name, before torch is even imported
+        from models.export import TORCHSCRIPT, ensure_onnx, export_torchscript
+
+        if args.format == "onnx":
+            path = ensure_onnx(art_dir)
+            diff = read_artifact(art_dir).info["onnx"]["parity_max_abs"]
+            if args.out:
+                shutil.copy2(path, args.out)
+                path = Path(args.out)
+        else:
+            path = Path(args.out) if args.out else art_dir / TORCHSCRIPT
+            diff = export_torchscript(load_artifact(art_dir), path)
+    except (ArtifactError, RuntimeError) as e:  # models.export.ExportError is a RuntimeError
+        print(f"pupil export: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"format": args.format, "path": str(path), "max_abs_diff_vs_torch": diff}))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "metrics.json"
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"pupil compare: cannot read {path}: {e}", file=sys.stderr)
+            return 2
+        v, t = m.get("val", {}), m.get("test") or {}
+        pre = m.get("pretrained", "")
+        rows.append([Path(run).name, m.get("model", "?"), "scratch" if pre.startswith("none") else "ImageNet",
+                     v.get("accuracy"), v.get("balanced_accuracy"), v.get("macro_f1"), v.get("ece"),
+                     t.get("accuracy"), t.get("balanced_accuracy"),
+                     m.get("epochs_run"), m.get("wall_time_s"), m.get("train_images_per_s")])
+    header = ["run", "model", "weights", "val acc", "val bal.acc", "val macro-F1", "val ECE", "test acc",
+              "test bal.acc", "epochs", "wall s", "img/s"]
+    if args.json:
+        print(json.dumps([dict(zip(header, r)) for r in rows], indent=2))
+        return 0
+    cells = [["-" if c is None else f"{c:.3f}" if isinstance(c, float) and 3 <= i < 9 else
+              f"{c:.0f}" if isinstance(c, float) else str(c) for i, c in enumerate(r)] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for r in cells:
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from models.artifact import locate
+
+    from .verify import TOLERANCE, verify
+
+    try:
+        ok, report = verify(locate(args.artifact), [Path(p) for p in args.images] or None, serve=not args.no_serve,
+                            url=args.url, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pupil verify: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"ok": ok, **report}))
+    if ok:
+        legs = "" if args.no_serve and not args.url else f" and {'the service at ' + args.url if args.url else 'a live service'}"
+        print(f"pupil verify: torch, ONNX{legs} agree on {report['images']} images (top-1 identical, scores "
+              f"within {TOLERANCE:g})", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def import_to_store(target: str) -> str:
+    """The BentoML store tag of an artifact (imported if needed) or of a tag."""
+    from service.store import resolve
+
+    return resolve(target)
+
+
+def serve_env(tag: str) -> dict[str, str]:
+    return {**os.environ, **ALLOCATOR_ENV, "PUPIL_MODEL_TAG": tag, "PUPIL_NO_REEXEC": "1"}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from models.artifact import ArtifactError
+
+    try:
+        tag = import_to_store(args.artifact)
+    except (ArtifactError, FileNotFoundError, RuntimeError) as e:
+        print(f"pupil serve: cannot import {args.artifact} into the BentoML model store: {e}", file=sys.stderr)
+        return 2
+    print(f"pupil serve: model {tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
+           "--host", args.host, "--port", str(args.port)]
+    os.execve(sys.executable, cmd, serve_env(tag))
+    return 0  # not reached
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from models.artifact import ArtifactError, locate
+
+    try:
+        tag = import_to_store(args.artifact)
+    except (ArtifactError, FileNotFoundError, RuntimeError) as e:
+        print(f"pupil build: cannot import {args.artifact} into the BentoML model store: {e}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "service.bento", tag] + (["--gpu"] if args.gpu else []) + \
+        (["--base-image", args.base_image] if args.base_image else [])
+    r = subprocess.run(cmd, env=serve_env(tag), text=True, stdout=subprocess.PIPE,
+                       cwd=Path(__file__).resolve().parent.parent)
+    if r.returncode != 0:
+        print("pupil build: bentoml build failed (see above)", file=sys.stderr)
+        return 1
+    bento = r.stdout.strip().splitlines()[-1]
+    if Path(args.artifact).is_dir() and not args.no_verify:
+        from .verify import verify
+
+        try:
+            ok, report = verify(locate(args.artifact), serve=False, log=lambda m: print(m, file=sys.stderr))
+        except ValueError as e:  # e.g. an artifact without its run's split: nothing to verify with
+            ok, report = True, {"images": 0}
+            print(f"pupil build: parity not verified ({e})", file=sys.stderr)
+        if not ok:
+            print("pupil build: the Bento was built, but parity verification failed (see above)", file=sys.stderr)
+            return 1
+        print(f"pupil build: torch and ONNX agree on {report['images']} images", file=sys.stderr)
+    print(json.dumps({"bento": bento, "model": tag, "flavour": "gpu" if args.gpu else "cpu"}))
+    print(f"serve it: bentoml serve {bento}   |   container: bentoml containerize {bento}", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from training.data import SPLITS, scan, split_manifest, trainability, warnings_for
+
+    try:
+        m = split_manifest(scan(args.data, max_pixels=args.max_pixels, verify=True), args.val_split, 0)
+    except FileNotFoundError as e:
+        print(f"pupil check: {e}", file=sys.stderr)
+        return 2
+    reason = trainability(m)
+    counts = m.counts()
+    splits = {s: m.counts(s) for s in SPLITS if m.usable(s)}
+    report = {
+        "root": m.root,
+        "classes": counts,
+        "presplit": m.presplit,
+        "splits": splits,
+        "usable": sum(counts.values()),
+        "problems": [{"path": f.path, "class": f.label, "problem": f.problem, "detail": f.detail} for f in m.problems()],
+        "warnings": warnings_for(m),
+        "trainable": reason is None,
+        "reason": reason,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if reason is None else 2
+    print(f"{m.root}: {len(counts)} classes, {report['usable']} usable images, {len(report['problems'])} problems")
+    names = {"train": "train", "val": "validation", "test": "test"}
+    width = max((len(c) for c in counts), default=5)
+    head = f"  {'class':<{width}}  {'total':>6}" + "".join(f"  {names[s]:>10}" for s in splits)
+    print(head)
+    for c, n in counts.items():
+        print(f"  {c:<{width}}  {n:>6}" + "".join(f"  {splits[s][c]:>10}" for s in splits))
+    if not m.presplit:
+        print(f"  (not split into folders: training splits off {args.val_split:.0%} for validation; no test split "
+              "- put untouched images in DATA/test/<class>/ for an honest test figure)")
+    elif "test" not in splits:
+        print("  (no test/ split: the report will say that no untouched test set was given)")
+    for p in report["problems"]:
+        print(f"  ! {p['path']}: {p['problem']} ({p['detail']})")
+    for w in report["warnings"]:
+        print(f"  warning: {w}")
+    print("trainable" if reason is None else f"not trainable: {reason}")
+    return 0 if reason is None else 2
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)

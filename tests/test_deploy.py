@@ -1,0 +1,34 @@
+"""deploy/: the Kubernetes manifest validates against the Kubernetes schemas (kubernetes-validate ships them: no
+network), and says what the image and the README say."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "pupil.yaml"
+
+
+def test_manifest_validates_strictly_against_the_kubernetes_schemas(tmp_path):
+    exe = shutil.which("kubernetes-validate") or str(Path(sys.executable).parent / "kubernetes-validate")
+    r = subprocess.run([exe, "--strict", str(MANIFEST)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("passed") == 3
+    broken = tmp_path / "broken.yaml"  # the validator really validates: a typo in a field name fails
+    broken.write_text(MANIFEST.read_text().replace("containerPort: 3000", "containerport: 3000"))
+    assert subprocess.run([exe, "--strict", str(broken)], capture_output=True, text=True).returncode != 0
+
+
+def test_manifest_runs_the_service_as_the_image_expects():
+    docs = {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text())}
+    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 1034
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["ports"][0]["containerPort"] == 3000
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]

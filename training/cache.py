@@ -1,0 +1,120 @@
+"""The decode cache: every usable image decoded once, at the training resolution, into one memory-mapped uint8 file
+keyed by the files' contents; and the decoding of many files on worker processes (also what `pupil check` uses to
+find truncated and corrupt pixel data)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from models.images import DEFAULT_MAX_PIXELS, ImageError, load_square
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PUPIL_CACHE", Path.home() / ".cache" / "pupil"))
+
+
+def decode_one(args: tuple[str, int, str, int]) -> tuple[np.ndarray | None, str | None, str | None]:
+    path, size, interpolation, max_pixels = args
+    try:
+        return load_square(path, size, interpolation=interpolation, max_pixels=max_pixels), None, None
+    except ImageError as e:
+        return None, e.problem, e.detail
+    except Exception as e:  # a decoder bug must not stop training either
+        return None, "corrupt", f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class DecodeCache:
+    """uint8 images (N x S x S x 3) at the training resolution in one memory-mapped file, keyed by content.
+
+    The key is the hash of the files' contents plus the size and interpolation, so a second run on the same data, and
+    every epoch after the first, decodes nothing. `decoded` counts the decodes this object did (0 on a cache hit).
+    """
+
+    images: np.ndarray
+    index: dict[str, int]  # sha256 -> row
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # sha256 -> (problem, detail)
+    decoded: int = 0
+    path: Path | None = None
+
+    @classmethod
+    def build(
+        cls,
+        root: str | Path,
+        records: Sequence,  # training.data.FileRecord: .path (relative to root) and .sha256
+        size: int,
+        *,
+        interpolation: str = "bicubic",
+        cache_dir: Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> "DecodeCache":
+        root = Path(root)
+        uniq: dict = {}  # sha256 -> the first record with that content
+        for r in records:
+            uniq.setdefault(r.sha256, r)
+        hashes = sorted(uniq)
+        key = hashlib.sha256(("\n".join(hashes) + f"\n{size}\n{interpolation}\nv2").encode()).hexdigest()[:24]
+        cache_dir = Path(cache_dir or default_cache_dir()) / "decoded"
+        base = cache_dir / f"{key}-{size}px"
+        meta_path, data_path = base.with_suffix(".json"), base.with_suffix(".u8")
+        if meta_path.is_file() and data_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(meta["n"], size, size, 3))
+                failed = {k: tuple(v) for k, v in meta["failed"].items()}
+                return cls(images, {k: int(v) for k, v in meta["index"].items()}, failed, 0, data_path)
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged cache is rebuilt, never trusted
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [(str(root / uniq[h].path), size, interpolation, max_pixels) for h in hashes]
+        results = map_images(jobs, workers, progress)
+        index: dict[str, int] = {}
+        failed: dict[str, tuple[str, str]] = {}
+        arrays = []
+        for h, (arr, problem, detail) in zip(hashes, results):
+            if arr is None:
+                failed[h] = (problem or "corrupt", detail or "")
+            else:
+                index[h] = len(arrays)
+                arrays.append(arr)
+        n = len(arrays)
+        tmp_data = data_path.with_name(data_path.name + f".{os.getpid()}.tmp")
+        mm = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3))
+        for i, a in enumerate(arrays):
+            mm[i] = a
+        mm.flush()
+        del mm
+        os.replace(tmp_data, data_path)
+        tmp_meta = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
+        tmp_meta.write_text(json.dumps({"n": max(n, 1), "index": index, "failed": failed, "size": size}))
+        os.replace(tmp_meta, meta_path)
+        images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(max(n, 1), size, size, 3))
+        return cls(images, index, failed, len(jobs), data_path)
+
+
+def verify_one(args: tuple[str, int, str, int]) -> tuple[str | None, str | None]:
+    _, problem, detail = decode_one(args)
+    return problem, detail
+
+
+def map_images(jobs: list, workers: int | None, progress: bool, fn=decode_one) -> list:
+    """fn over jobs, in order, on `workers` processes (the decode is CPU-bound and holds the GIL in places)."""
+    from tqdm import tqdm
+
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    bar = dict(total=len(jobs), desc="decode (once)", unit="img", disable=not progress, leave=False)
+    if workers <= 1 or len(jobs) < 16:
+        return [fn(j) for j in tqdm(jobs, **bar)]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    with ctx.Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, jobs, chunksize=8), **bar))

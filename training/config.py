@@ -1,0 +1,119 @@
+"""TrainConfig: every knob of `pupil train`, each documented once, here. The defaults are the recipe.
+
+The command line is generated from these fields (pupil/cli.py): the flag is the field's name with dashes, the help is
+the field's `help` metadata, and `choices`, `or_word` (a number or a word, e.g. `--lr auto`) and `bare` (the value a
+flag given without one means, e.g. a bare `--ema`) say how it parses. The resolved config is saved in the run as
+config.yaml, and `--config` reads it back.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def opt(default: Any, help: str, **cli: Any) -> Any:
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    data: str = opt("", "folder with one sub-folder of images per class, or train/ val/ (test/) splits of them")
+    model: str = opt("efficientnet_lite0", "timm architecture name, or small_cnn for the from-scratch baseline")
+    pretrained: str = opt("auto", "auto (bundled weights when a package ships them, else the hub) | none | hub | "
+                                  "PATH to .safetensors/.pth")
+    stages: str = opt("both", "probe (head only, on cached features) | finetune | both (small_cnn and --pretrained "
+                              "none: finetune only)", choices=("probe", "finetune", "both"))
+    epochs: int = opt(10, "fine-tune epochs (the most; early stopping and --time-limit may run fewer)")
+    probe_epochs: int = opt(100, "full-batch steps of the linear probe on cached features")
+    img_size: int = opt(0, "input size in pixels (0: the model's default, 224 for efficientnet_lite0, 128 for "
+                           "small_cnn)")
+    batch_size: int = opt(32, "images per step per process (under torchrun the global batch is this times the "
+                              "number of processes), or auto (0): on CUDA the largest that fits, halved on "
+                              "out-of-memory; 32 on a CPU", or_word=("auto", 0))
+    lr: float | str = opt(0.0, "peak learning rate, or auto (the LR range test's suggestion, as `pupil lr-find` "
+                               "shows it); 0: 1e-3 pretrained (backbone at lr/10), 3e-3 from scratch",
+                          or_word=("auto", "auto"))
+    lr_find_steps: int = opt(100, "steps of the learning-rate range test (lr-find, --lr auto)")
+    ema: float = opt(0.0, "keep an exponential moving average of the weights with this decay, validate and save it "
+                          "(bare --ema: 0.999; 0: off)", bare=0.999)
+    in_chans: int = opt(3, "1: a grayscale model, the pretrained stem's RGB filters summed; 3: RGB", choices=(1, 3))
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on norms and biases)")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
+    mixup: float = opt(0.0, "mixup alpha: Beta(a, a) mixing of image pairs (0: off)")
+    cutmix: float = opt(0.0, "cutmix alpha (0: off); with --mixup too, one of the two per batch")
+    crop_scale: float = opt(0.35, "smallest area of the random-resized crop, as a fraction of the image (1 with "
+                                  "--flips none: no augmentation, the centre crop as at evaluation)")
+    flips: str = opt("h", "h: horizontal flips | hv: also vertical | d8: also 90-degree rotations (all 8 "
+                          "symmetries of a square; for data with no up or down: cells, slides, tiles) | none",
+                     choices=("h", "hv", "d8", "none"))
+    warmup_epochs: float = opt(1.0, "epochs of linear learning-rate warm-up before the cosine decay")
+    patience: int = opt(5, "early stopping after N epochs without a better validation score (0: off)")
+    abstain_precision: float = opt(0.95, "confidence threshold chosen so accepted validation answers are this "
+                                         "precise (0: never abstain)")
+    time_limit: float = opt(0.0, "minutes for the whole run (0: none); the epochs that fit are run, schedule intact")
+    augment: str = opt("none", "none | trivial (TrivialAugmentWide) | randaugment, on top of random-resized-crop + "
+                               "flip", choices=("none", "trivial", "randaugment"))
+    balance: str = opt("auto", "auto (class-balanced sampling when the largest class is over 3x the smallest) | "
+                               "sampler | loss (class-weighted) | none", choices=("auto", "sampler", "loss", "none"))
+    amp: str = opt("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16",
+                   choices=("auto", "off", "bf16", "fp16"))
+    freeze_bn: bool = opt(True, "pretrained models: keep BatchNorm running statistics fixed while fine-tuning")
+    compile: bool = opt(False, "torch.compile the model (measured in BENCHMARKS.md: on this 2-core CPU it compiled "
+                               "slowly and was no faster)")
+    val_split: float = opt(0.2, "fraction held out for validation when DATA has no val/ (valid/, validation/) split")
+    seed: int = opt(0, "random seed: split, initialisation, order, augmentation")
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+    out: str = opt("", "run directory (default runs/<model>-<time>)")
+    resume: bool = opt(False, "continue the run in --out from its last.pt (same settings, same result)")
+    cache_dir: str = opt("", "decode cache (default $PUPIL_CACHE or ~/.cache/pupil)")
+    max_pixels: int = opt(50_000_000, "images over this many pixels are skipped as too_many_pixels")
+    limit_per_class: int = opt(0, "use at most N training images per class (0: all), for quick trials")
+    width: int = opt(32, "small_cnn only: channels of the first stage")
+    depth: int = opt(4, "small_cnn only: number of conv-conv-maxpool stages")
+    workers: int = opt(2, "processes decoding images into the cache (first run only)")
+    progress: bool = opt(True, "progress bars")
+
+    def resolved(self) -> "TrainConfig":
+        """Defaults that depend on other fields filled in, and every value checked (ValueError names the flag)."""
+        c = copy.copy(self)
+        if not c.out:
+            c.out = str(Path("runs") / f"{c.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if isinstance(c.lr, str) and c.lr != "auto":
+            c.lr = float(c.lr)
+        if not c.lr:
+            c.lr = 3e-3 if self.from_scratch else 1e-3
+        if not 0.0 <= c.ema < 1.0:
+            raise ValueError(f"--ema is a decay in [0, 1), e.g. 0.999, not {c.ema}")
+        if not 0.0 < c.crop_scale <= 1.0:
+            raise ValueError(f"--crop-scale is an area fraction in (0, 1], not {c.crop_scale}")
+        if self.from_scratch:
+            c.stages = "finetune"
+        for f in fields(c):
+            choices = f.metadata.get("choices")
+            if choices and getattr(c, f.name) not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                                 f"not {getattr(c, f.name)!r}")
+        return c
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.model == "small_cnn" or self.pretrained == "none"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        return cls(**raw)
+
+    def save(self, path: Path) -> None:
+        import yaml
+
+        path.write_text(yaml.safe_dump({k: v for k, v in asdict(self).items() if k != "resume"}, sort_keys=False))

@@ -1,0 +1,164 @@
+"""The loop, in the shape of torchvision's references: `train_one_epoch` and `evaluate`, each taking the model (or
+the TrainState) and the data, plus the `TrainSetup` that stays fixed for the whole run.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.preprocess import center, normalize
+from models.runtime import autocast, in_batches
+
+from .augment import mix_batch, training_batch
+from .config import TrainConfig
+from .data import ImageSet, iterate
+from .distributed import Dist, log
+from .metrics import classification_metrics
+
+
+@dataclass
+class TrainSetup:
+    """What stays fixed for a whole run."""
+
+    cfg: TrainConfig
+    spec: Any  # models.spec.ModelSpec
+    device: torch.device
+    amp: torch.dtype | None
+    dist: Dist
+    classes: list[str]
+    class_weights: torch.Tensor | None = None  # on the device (--balance loss)
+    sample_weights: torch.Tensor | None = None  # per training image (--balance sampler)
+    select_by: str = "accuracy"  # or macro_f1, on imbalanced data
+    policy: Any = None  # the augmentation policy (--augment), or None
+
+    @property
+    def score_key(self) -> str:
+        return "val_macro_f1" if self.select_by == "macro_f1" else "val_acc"
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretrained: bool) -> list[dict]:
+    """Discriminative learning rates: the pretrained backbone learns at lr/10, the new head at lr.
+    No weight decay on norms and biases."""
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        groups.setdefault((id(p) in head_ids, p.ndim <= 1), []).append(p)
+    out = []
+    for (is_head, no_decay), params in sorted(groups.items()):
+        glr = lr if (is_head or not pretrained) else lr / 10
+        out.append({"params": params, "lr": glr, "initial_lr": glr, "weight_decay": 0.0 if no_decay else weight_decay})
+    return out
+
+
+class WarmupCosine:
+    """Linear warmup, then cosine decay to 0 at `total` steps. `total` may be shortened (a time limit) mid-run."""
+
+    def __init__(self, total: int, warmup: int):
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        warmup = min(self.warmup, self.total // 3)  # a short run (time limit) still gets most of its steps decaying
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def steps_per_epoch(n_train: int, global_batch: int) -> int:
+    return max(1, n_train // global_batch) if n_train >= global_batch else 1
+
+
+def train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    if cfg.freeze_bn and not cfg.from_scratch:
+        # Batch statistics of 32 images are noisy, and the probe's head was fitted to features normalised with the
+        # running statistics: keep those (the affine weights still learn). Measured on ELPV: see BENCHMARKS.md.
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, opt, scaler) -> None:
+    """Backward (loss-scaled for fp16), gradient norm clipped at 5, step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    scaler.step(opt)
+    scaler.update()
+
+
+def train_one_epoch(state, data: ImageSet, setup: TrainSetup) -> dict[str, float]:
+    """One pass over the training set (state: training.state.TrainState): loss, accuracy and images/s."""
+    cfg, dist, device = setup.cfg, setup.dist, setup.device
+    train_mode(state.net, cfg)
+    seen, loss_sum, correct = 0, torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    t0 = time.perf_counter()
+    global_batch = state.batch_size * dist.world
+    batches = list(iterate(len(data), global_batch, shuffle=True, generator=state.order_gen,
+                           drop_last=len(data) >= global_batch, weights=setup.sample_weights))
+    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{state.epochs}", unit="batch", leave=False,
+               disable=not (cfg.progress and dist.main), file=sys.stderr)
+    for idx in bar:
+        x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
+                              cfg.crop_scale, cfg.flips)
+        x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, state.aug_gen)
+        with autocast(device, setup.amp):
+            logits = state.net(x)
+            loss = F.cross_entropy(logits.float(), y, weight=setup.class_weights, label_smoothing=cfg.label_smoothing)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=setup.class_weights,
+                                                                label_smoothing=cfg.label_smoothing)
+        optimizer_step(state.net, loss, state.opt, state.scaler)
+        state.sched.step()
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.sched.last_epoch)
+        seen += len(y)
+        # accumulated on the device: no host sync per step (a .item() per step idles a GPU between steps)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        if bar.disable is False:
+            bar.set_postfix(img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
+    dt = time.perf_counter() - t0
+    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": int(correct) / max(seen, 1),
+            "images_per_s": seen * dist.world / dt if dt else 0.0}
+
+
+@torch.inference_mode()
+def predict_logits(model, data: ImageSet, setup: TrainSetup, batch_size: int = 64,
+                   pre_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (or pooled features) of the centre crop, exactly the Predictor's geometry, for every image of a set."""
+    model.eval()
+    spec, device = setup.spec, setup.device
+    outs, ys = [], []
+
+    def run(start: int, stop: int) -> None:
+        x, y = data.batch(np.arange(start, stop))
+        x = normalize(center(x, spec.input_size).to(device, non_blocking=True), spec.mean, spec.std)
+        with autocast(device, setup.amp):
+            out = model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
+        outs.append(out.float().cpu())
+        ys.append(y)
+
+    in_batches(len(data), batch_size, run, log)
+    if not outs:
+        width = getattr(model, "num_features", 0) if pre_logits else spec.num_classes
+        return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def evaluate(model, data: ImageSet, setup: TrainSetup) -> dict[str, float]:
+    """Validation loss, accuracy and macro-F1 of the centre crops."""
+    logits, y = predict_logits(model, data, setup)
+    m = classification_metrics(torch.softmax(logits, -1).numpy(), y.numpy(), setup.classes)
+    return {"val_loss": float(F.cross_entropy(logits, y)), "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}

@@ -1,0 +1,149 @@
+"""Metrics from logits or probabilities and labels, temperature scaling and the abstention threshold: pure functions
+(numbers in, numbers out; no files, no plots, no model)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
+    """One scalar T minimising the NLL of softmax(logits / T) on held-out data (Guo et al., 2017)."""
+    if len(labels) == 0:
+        return 1.0
+    logits, labels = logits.detach().float().clone(), labels.detach().long().clone()
+    log_t = torch.zeros(1, requires_grad=True)  # optimise log T so T stays positive
+    before = float(torch.nn.functional.cross_entropy(logits, labels))
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    # perfectly separated validation data pushes T towards 0: stay within sane bounds rather than trust that
+    t = float(np.clip(t, 0.05, 20.0)) if np.isfinite(t) else 1.0
+    after = float(torch.nn.functional.cross_entropy(logits / t, labels))
+    return t if after <= before else 1.0  # never return a temperature that makes the fit worse
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE with equal-width confidence bins over the top-1 probability."""
+    if len(labels) == 0:
+        return 0.0
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """accuracy, balanced accuracy, macro/weighted F1, per-class P/R/F1/support, confusion matrix, NLL, ECE."""
+    k = len(classes)
+    n = len(labels)
+    pred = probs.argmax(1) if n else np.zeros(0, dtype=int)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1).astype(np.float64)
+    predicted = cm.sum(0).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = support > 0
+    nll = float(-np.log(np.clip(probs[np.arange(n), labels], 1e-12, 1.0)).mean()) if n else 0.0
+    return {
+        "n": int(n),
+        "accuracy": float((pred == labels).mean()) if n else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
+        "nll": nll,
+        "ece": expected_calibration_error(probs, labels),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> list[dict[str, float]]:
+    """Per confidence bin: its range, how many predictions fell in it, their mean confidence and accuracy."""
+    conf = probs.max(1) if len(labels) else np.zeros(0)
+    correct = (probs.argmax(1) == labels) if len(labels) else np.zeros(0, dtype=bool)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        out.append({"lo": float(lo), "hi": float(hi), "count": int(m.sum()),
+                    "confidence": float(conf[m].mean()) if m.any() else 0.0,
+                    "accuracy": float(correct[m].mean()) if m.any() else 0.0})
+    return out
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 3, 5)) -> dict[str, float]:
+    k_max = probs.shape[1] if probs.ndim == 2 else 0
+    order = np.argsort(-probs, axis=1) if len(labels) else np.zeros((0, k_max), dtype=int)
+    out = {}
+    for k in ks:
+        if k <= k_max:
+            out[f"top{k}"] = float((order[:, :k] == labels[:, None]).any(1).mean()) if len(labels) else 0.0
+    return out
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], temperature: float) -> dict[str, Any]:
+    """The full evaluation of one split: every metric of `classification_metrics` on calibrated scores, plus top-k,
+    and NLL/ECE/reliability before and after temperature scaling."""
+    y = labels.numpy()
+    raw = torch.softmax(logits.float(), -1).numpy()
+    cal = torch.softmax(logits.float() / temperature, -1).numpy()
+    out = classification_metrics(cal, y, classes)
+    before = classification_metrics(raw, y, classes)
+    out.update(
+        temperature=float(temperature),
+        top_k_accuracy=top_k_accuracy(cal, y),
+        nll_uncalibrated=before["nll"],
+        ece_uncalibrated=before["ece"],
+        reliability={"uncalibrated": reliability_bins(raw, y), "calibrated": reliability_bins(cal, y)},
+    )
+    return out
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float = 0.95) -> dict[str, Any]:
+    """The lowest confidence threshold whose accepted predictions (top score >= threshold) are right at least
+    `target` of the time, with the coverage it leaves. If no threshold reaches the target, the one with the best
+    precision over at least 10 % of the images, flagged `met: false`.
+
+    A threshold accepts every prediction at or above it, so only a cut between two different confidences can be
+    chosen: with tied scores, the precision reported is that of everything the threshold accepts, ties included."""
+    n = len(labels)
+    if n == 0 or target <= 0:
+        return {"threshold": None, "target_precision": target, "precision": None, "coverage": 1.0, "met": False}
+    conf = probs.max(1)
+    order = np.argsort(-conf, kind="stable")
+    c = conf[order]
+    correct = (probs.argmax(1) == labels)[order].astype(np.float64)
+    precision = np.cumsum(correct) / np.arange(1, n + 1)
+    cut = np.r_[c[:-1] > c[1:], True]  # i is a possible cut only if the next score is strictly lower
+    ok = np.flatnonzero((precision >= target) & cut)
+    met = len(ok) > 0
+    if met:
+        i = int(ok.max())
+    else:
+        floor = max(1, int(np.ceil(0.1 * n)))
+        cand = np.flatnonzero(cut & (np.arange(n) >= floor - 1))
+        i = int(cand[np.argmax(precision[cand])])
+    t = float(c[i])
+    accepted = conf >= t
+    return {"threshold": t, "target_precision": target, "met": bool(met),
+            "precision": float((probs.argmax(1) == labels)[accepted].mean()), "coverage": float(accepted.mean())}

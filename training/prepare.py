@@ -1,0 +1,144 @@
+"""Everything before training proper, shared by `pupil train` and `pupil lr-find`: scan and split the folder,
+build the model on the device, decode every image once, choose the imbalance remedy and the batch size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import create_model
+from models.runtime import amp_dtype, amp_name, pick_device
+
+from .augment import make_policy
+from .config import TrainConfig
+from .cache import DecodeCache
+from .data import ImageSet, Manifest, apply_cache_failures, scan, split_manifest, trainability
+from .distributed import Dist, log, setup_distributed
+from .loop import TrainSetup
+from .tuning import auto_batch_size
+
+
+class DataError(RuntimeError):
+    """The folder cannot be trained on; the message is the one-line reason."""
+
+
+@dataclass
+class Prepared:
+    """What training needs before its first step: the split, the model, and the decoded images."""
+
+    manifest: Manifest
+    classes: list[str]
+    model: torch.nn.Module
+    spec: Any
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    skipped: list
+
+
+def start(cfg: TrainConfig) -> tuple[TrainSetup, Prepared]:
+    """Everything before training proper, shared by `fit` and `lr_find`: the device, the data, the model, the
+    imbalance remedy, the batch size."""
+    cfg = cfg.resolved()
+    torch.manual_seed(cfg.seed)
+    dist, device = setup_distributed(pick_device(cfg.device))
+    amp = amp_dtype(device, cfg.amp)
+    log(f"device: {device} ({amp_name(amp)})" + (f", {dist.world} processes (DDP)" if dist.world > 1 else ""))
+    prep = prepare(cfg, dist, device)
+    class_weights, sample_weights, select_by = balance(cfg.balance, prep.train.labels, len(prep.classes))
+    setup = TrainSetup(cfg, prep.spec, device, amp, dist, prep.classes,
+                       class_weights.to(device) if class_weights is not None else None, sample_weights, select_by,
+                       make_policy(cfg.augment))
+    if cfg.batch_size <= 0:
+        found = auto_batch_size(prep.model, prep.spec, device, amp, len(prep.train))
+        cfg.batch_size = int(dist.from_main(found)[0])
+        log(f"batch size {cfg.batch_size} (auto: " + ("the largest power of two that fits on the GPU)"
+                                                     if device.type == "cuda" else "the CPU default)"))
+    return setup, prep
+
+
+def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
+    """Scan and split the folder, build the model (on the device), decode every image once into the cache."""
+    manifest = split_manifest(scan(cfg.data, max_pixels=cfg.max_pixels), cfg.val_split, cfg.seed)
+    reason = trainability(manifest)
+    if reason:
+        raise DataError(reason)
+    _limit(manifest, cfg.limit_per_class, cfg.seed)
+    classes = manifest.classes
+
+    extra: dict[str, Any] = {"width": cfg.width, "depth": cfg.depth} if cfg.model == "small_cnn" else {}
+    if cfg.in_chans != 3:
+        extra["in_chans"] = cfg.in_chans
+    model, spec = create_model(cfg.model, len(classes), cfg.pretrained, img_size=cfg.img_size or None, **extra)
+    log(f"model: {spec.architecture}, {len(classes)} classes, {spec.input_size}px"
+        f"{', 1 channel (gray)' if spec.in_chans == 1 else ''}; weights: {spec.pretrained_source}")
+    model = model.to(device).to(memory_format=torch.channels_last)
+
+    used = [f for f in manifest.usable() if f.split in ("train", "val", "test")]
+    cache = None
+    for turn in (0, 1):  # rank 0 decodes; the others wait, then open the same cache (a hit)
+        if (turn == 0) == dist.main:
+            cache = DecodeCache.build(cfg.data, used, spec.resize_size, interpolation=spec.interpolation,
+                                      cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                      max_pixels=cfg.max_pixels, workers=cfg.workers, progress=cfg.progress)
+        dist.barrier()
+    assert cache is not None
+    apply_cache_failures(manifest.files, cache)
+    log(f"decode cache: {'hit, nothing decoded' if cache.decoded == 0 else f'{cache.decoded} images decoded once'} "
+        f"({cache.path})")
+    train, val, test = (ImageSet.from_records(cache, manifest.usable(s), classes) for s in ("train", "val", "test"))
+    skipped = manifest.problems()
+    if skipped:
+        log(f"skipped {len(skipped)} problem file(s): " + ", ".join(f"{f.path} ({f.problem})" for f in skipped[:5])
+            + (" ..." if len(skipped) > 5 else ""))
+    if len(train) == 0:
+        raise DataError("no usable training image after decoding")
+    log(f"data: {len(train)} train, {len(val)} validation" + (f", {len(test)} test (untouched until the end)"
+                                                             if len(test) else "")
+        + f" images; classes {manifest.counts('train')}")
+    return Prepared(manifest, classes, model, spec, train, val, test, skipped)
+
+
+def balance(mode: str, labels: np.ndarray, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """(class weights for the loss, per-sample weights for the sampler, the selection metric).
+
+    auto switches to class-balanced sampling when the largest class is over 3x the smallest; then the best epoch is
+    chosen by macro-F1, since accuracy rewards ignoring the small classes. Sampling, not loss weights: on 10:1 data
+    (8 seeds, BENCHMARKS.md) balanced sampling had the best mean macro-F1 and a weighted loss the worst, below doing
+    nothing (a minority image weighted 10x makes the fine-tune's steps erratic)."""
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    present = counts[counts > 0]
+    imbalanced = len(present) > 1 and present.max() > 3 * present.min()
+    if mode == "auto":
+        mode = "sampler" if imbalanced else "none"
+        if imbalanced:
+            log(f"imbalance {present.max() / present.min():.1f}x: class-balanced sampling, best epoch by macro-F1 "
+                "(--balance none to switch off)")
+    if mode == "none":
+        return None, None, "accuracy"
+    inv = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 0.0)
+    if mode == "loss":
+        return torch.tensor(inv, dtype=torch.float32), None, "macro_f1"
+    if mode == "sampler":
+        return None, torch.tensor(inv[labels], dtype=torch.float64), "macro_f1"
+    raise ValueError(f"--balance must be auto, loss, sampler or none, not {mode!r}")
+
+
+def _limit(m: Manifest, per_class: int, seed: int) -> None:
+    """Keep at most `per_class` usable images per class in train (a quarter of that in val), a seeded choice.
+    The test split is never trimmed."""
+    if per_class <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, str], list] = {}
+    for f in m.usable():
+        if f.split in ("train", "val"):
+            groups.setdefault((f.label, f.split), []).append(f)
+    for (label, split), group in groups.items():
+        cap = per_class if split == "train" else max(1, int(round(per_class * 0.25)))
+        if len(group) > cap:
+            for i in rng.permutation(len(group))[cap:]:
+                group[i].split = ""  # not used in this run (not a problem with the file)
