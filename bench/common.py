@@ -58,3 +58,25 @@ def header(title: str) -> None:
     print(f"# {title}")
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min / median / max of repeated measurements (every benchmark repeats at least 3 times)."""
+    import statistics
+
+    if len(values) < 3:
+        raise ValueError(f"{len(values)} repeats: every figure here needs at least 3")
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def row(label: str, values: list[float], unit: str, width: int = 46) -> str:
+    s = spread(values)
+    return (f"{label:<{width}} median {s['median']:8.2f} {unit}   (min {s['min']:.2f}, max {s['max']:.2f}, "
+            f"{s['n']} repeats)")
+
+
+def ratio(label: str, ours: list[float], theirs: list[float], higher_is_better: bool = True) -> str:
+    """The headline: the ratio of the medians."""
+    a, b = spread(ours)["median"], spread(theirs)["median"]
+    r = a / b if higher_is_better else b / a
+    return f"{label}: {r:.2f}x (ratio of medians)"

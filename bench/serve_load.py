@@ -2,18 +2,22 @@
 full PIL decode: bench/plain_service.py), one after the other in one run, same requests, same client.
 
 Requests: a fixed mix of real photo sizes made from the ELPV images: 300x300 PNG, 640x480, 1920x1080 and a
-12-megapixel (4000x3000) JPEG. Concurrency 1, 8 and 32, a fixed count each.
+12-megapixel (4000x3000) JPEG. Concurrency 1, 8 and 32, a fixed count each, 3 repeats (min / median / max of the
+requests per second; latency percentiles over all repeats). Every side runs with the same allocator settings (the
+ones `pupil serve` sets) and may use both cores:
+  pupil          the default: one request in flight per core, each on one intra-op thread (PUPIL_THREADS=1)
+  pupil-1thread  one request at a time (BentoML's default for sync endpoints), on two intra-op threads
+  pupil-batched  adaptive batching forced on: one shared batch at a time, on two intra-op threads
+  plain          the tutorial service: torch eager, its default threads (both cores)
 
-    python -m bench.serve_load [--counts 40,160,160]
+    python -m bench.serve_load [--counts 40,160,160] [--sides pupil,plain] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import io
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +28,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from bench.common import elpv_images, header
+from bench.common import elpv_images, header, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,20 +55,6 @@ def make_artifact(path: Path) -> Path:
 
     model, spec = create_model("efficientnet_lite0", 2, "auto")
     return save_artifact(path, model, spec, ["defective", "functional"])
-
-
-def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
-    from pupil.demo import wait_ready
-
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    wait_ready(f"http://127.0.0.1:{port}", proc, timeout=240)
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
 
 
 def load(url: str, items: list[tuple[str, bytes]], count: int, concurrency: int) -> dict:
@@ -97,13 +87,13 @@ def load(url: str, items: list[tuple[str, bytes]], count: int, concurrency: int)
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(count)))
     wall = time.perf_counter() - t0
-    q = statistics.quantiles(lat, n=100)
-    return {"rps": count / wall, "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000, "errors": errors}
+    return {"rps": count / wall, "lat": list(lat), "errors": errors}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", default="40,160,160", help="requests at concurrency 1, 8, 32")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sides", default="pupil,plain",
                     help="what to load, in order: pupil (defaults), pupil-1thread (one request at a time per worker, "
                          "BentoML's default), pupil-batched (PUPIL_BATCHING=on), plain")
@@ -113,39 +103,46 @@ def main() -> None:
     items = payloads()
     print("payloads: " + ", ".join(f"{n} {len(d) / 1e6:.2f} MB" for n, d in items))
     results = {}
+    from models.runtime import ALLOCATOR_ENV
+    from pupil.server import Server, free_port
+
     with tempfile.TemporaryDirectory() as tmp:
         art = make_artifact(Path(tmp) / "model")
-        port = 3900
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        base_env["BENTOML_HOME"] = str(Path(tmp) / "bentoml")
-        ours = [sys.executable, "-m", "training", "serve", str(art), "--port", str(port), "--host", "127.0.0.1"]
+        base_env = {**os.environ, **ALLOCATOR_ENV, "BENTOML_HOME": str(Path(tmp) / "bentoml")}
         known = {
-            "pupil": (ours, base_env),
-            "pupil-1thread": (ours, {**base_env, "PUPIL_HANDLER_THREADS": "1"}),
-            "pupil-batched": (ours, {**base_env, "PUPIL_BATCHING": "on"}),
-            "plain": ([sys.executable, "-m", "bentoml", "serve", "bench.plain_service:PlainClassifier", "--port",
-                       str(port), "--host", "127.0.0.1"], {**base_env, "PLAIN_ARTIFACT": str(art)}),
+            "pupil": ([], {}),
+            "pupil-1thread": ([], {"PUPIL_HANDLER_THREADS": "1", "PUPIL_THREADS": "2"}),
+            "pupil-batched": ([], {"PUPIL_BATCHING": "on", "PUPIL_THREADS": "2"}),
+            "plain": (["plain"], {"PLAIN_ARTIFACT": str(art)}),
         }
         sides = {name: known[name] for name in args.sides.split(",")}
-        for name, (cmd, env) in sides.items():
-            proc = start(cmd, env, port)
-            try:
+        for name, (plain, extra) in sides.items():
+            port = free_port()
+            if plain:
+                cmd = [sys.executable, "-m", "bentoml", "serve", "bench.plain_service:PlainClassifier", "--port",
+                       str(port), "--host", "127.0.0.1"]
+                server = Server(cmd, port=port, env={**base_env, **extra}, cwd=ROOT, timeout=240)
+            else:
+                server = Server.for_artifact(art, port=port, env={**base_env, **extra}, timeout=240)
+            with server:
                 for c, n in counts.items():
-                    results[(name, c)] = load(f"http://127.0.0.1:{port}/classify", items, n, c)
-            finally:
-                stop(proc)
-    print(f"{'service':<14}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
+                    runs = [load(f"{server.url}/classify", items, n, c) for _ in range(args.repeats)]
+                    results[(name, c)] = {"rps": [r["rps"] for r in runs], "lat": [x for r in runs for x in r["lat"]],
+                                          "errors": sum(r["errors"] for r in runs)}
+    print(f"{'service':<14}{'conc':>5}{'req/s median':>14}{'(min':>8}{'max)':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for (name, c), r in results.items():
-        print(f"{name:<14}{c:>5}{r['rps']:>9.1f}{r['p50']:>9.0f}{r['p95']:>9.0f}{r['p99']:>9.0f}{r['errors']:>8}")
+        s = spread(r["rps"])
+        q = statistics.quantiles(r["lat"], n=100)
+        print(f"{name:<14}{c:>5}{s['median']:>14.1f}{s['min']:>8.1f}{s['max']:>8.1f}{q[49] * 1000:>9.0f}"
+              f"{q[98] * 1000:>9.0f}{r['errors']:>8}")
     names = list(sides)
     base = "plain" if "plain" in sides else names[0]
     for name in names:
         if name == base:
             continue
         for c in counts:
-            print(f"concurrency {c}: {name}/{base} requests/s = "
-                  f"{results[(name, c)]['rps'] / results[(base, c)]['rps']:.2f}x"
-                  + ("   (target >= 3x at 8)" if c == 8 and (name, base) == ("pupil", "plain") else ""))
+            a, b = spread(results[(name, c)]["rps"])["median"], spread(results[(base, c)]["rps"])["median"]
+            print(f"concurrency {c}: {name}/{base} requests/s = {a / b:.2f}x (ratio of medians)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
-"""Epoch wall time of our fine-tune vs a plain PyTorch loop, same data, model, image size and batch.
+"""Training epoch speed: a plain PyTorch loop, then each of our techniques added one at a time, then `pupil train`.
 
-ours:  decode cache, batch augmentation, channels_last, frozen BN statistics, the allocator settings of the CLI
-plain: torchvision ImageFolder + PIL RandomResizedCrop/flip per image, DataLoader (same workers), NCHW, fp32,
-       default allocator: the loop of most tutorials
+Every row trains the same model (efficientnet_lite0, bundled weights, 224 px) on the same 320 ELPV images, batch
+32, AdamW, with the same crop policy (the centre 256 px square, a random-resized crop of 35-100 % of it, a flip),
+4 epochs; the first warms up and the next 3 are the repeats. Each row runs in its own process (the allocator is
+fixed at process start); its torch uses both cores.
 
-Each side runs in its own process (the allocator is fixed at process start), 3 epochs; the best of the epochs after
-the first is reported (the first warms allocators and caches).
+  plain                ImageFolder + PIL transforms, DataLoader with 1 worker (a second would fight the two
+                       training threads for the two cores), NCHW, BatchNorm statistics updated, default allocator
+  + allocator          glibc keeps freed activations (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, as `pupil` sets)
+  + decode cache       batches from the uint8 cache, augmented in the training process (no loader, no decoding)
+  + channels_last      the model and batches in channels_last memory
+  + frozen BN stats    BatchNorm running statistics fixed (pupil's default for pretrained models): a different
+                       computation (no batch statistics), shown as its own row
+  pupil train          the product itself (--stages finetune): the loop of the row above, with its bookkeeping
 
-    python -m bench.train_speed [--per-class 160] [--img-size 224] [--model efficientnet_lite0]
+    python -m bench.train_speed [--per-class 160] [--img-size 224]
 """
 from __future__ import annotations
 
@@ -20,88 +27,140 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import header
+from bench.common import header, ratio, row
 
 ALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+VARIANTS = {  # name: (allocator, cache, channels_last, frozen BN)
+    "plain": (False, False, False, False),
+    "+ allocator": (True, False, False, False),
+    "+ decode cache": (True, True, False, False),
+    "+ channels_last": (True, True, True, False),
+    "+ frozen BN stats": (True, True, True, True),
+}
+EPOCHS = 4
 
 
-def run_ours(data: str, out: str, args) -> dict:
-    from training.fit import TrainConfig, fit
+def files(args) -> tuple[str, list[str]]:
+    """The ELPV folder and the same 320 training images for every row (pupil's own seeded split)."""
+    from pupil.demo import materialise_elpv
+    from training.data import scan, split_manifest
+    from training.prepare import limit_per_class
 
-    r = fit(TrainConfig(data=data, model=args.model, img_size=args.img_size, epochs=3, stages="finetune",
-                        limit_per_class=args.per_class, batch_size=args.batch, out=out, patience=0, progress=False,
-                        val_split=0.2))
-    n_train = sum(r.metrics["counts"]["train"].values())
-    epoch_s = [n_train / h["images_per_s"] for h in r.history]
-    split = json.loads((Path(out) / "split.json").read_text())
-    return {"epoch_seconds": epoch_s, "images": n_train, "train_files": split["train"]}
+    data = materialise_elpv()
+    m = split_manifest(scan(data), 0.2, 0)
+    limit_per_class(m, args.per_class, 0)
+    return str(data), [f.path for f in m.usable("train")]
 
 
-def run_plain(data: str, files: list[str], args) -> dict:
+def run_variant(name: str, data: str, train: list[str], args) -> list[float]:
     import torch
     import torch.nn.functional as F
-    from torchvision import datasets, transforms
 
     from models import create_model
+    from models.preprocess import normalize
+    from training.augment import random_resized_crop_flip
 
-    with tempfile.TemporaryDirectory() as d:
-        for rel in files:  # exactly the same training images as ours, as an ImageFolder
-            (Path(d) / Path(rel).parent).mkdir(parents=True, exist_ok=True)
-            os.symlink(Path(data) / rel, Path(d) / rel)
-        model, spec = create_model(args.model, 2, "auto", img_size=args.img_size)
-        tf = transforms.Compose([transforms.RandomResizedCrop(spec.input_size), transforms.RandomHorizontalFlip(),
-                                 transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
-        ds = datasets.ImageFolder(d, transform=tf)
-        dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=2, drop_last=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        epoch_s = []
-        for _ in range(3):
-            model.train()
-            t0 = time.perf_counter()
-            for x, y in dl:
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            epoch_s.append(time.perf_counter() - t0)
-        return {"epoch_seconds": epoch_s, "images": len(dl) * args.batch}
+    _, use_cache, channels_last, frozen_bn = VARIANTS[name]
+    torch.manual_seed(0)
+    model, spec = create_model("efficientnet_lite0", 2, "auto", img_size=args.img_size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    batches = cache_batches(data, train, spec, gen) if use_cache else folder_batches(data, train, spec)
+    times = []
+    for _ in range(EPOCHS):
+        model.train()
+        if frozen_bn:
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        t0 = time.perf_counter()
+        n = 0
+        for x, y in batches():
+            if use_cache:
+                x = random_resized_crop_flip(x.permute(0, 3, 1, 2).float(), spec.input_size, generator=gen)
+                x = normalize(x.permute(0, 2, 3, 1), spec.mean, spec.std)
+            x = x.contiguous(memory_format=fmt)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += len(y)
+        times.append(n / (time.perf_counter() - t0))
+    return times[1:]
+
+
+def cache_batches(data: str, train: list[str], spec, gen):
+    from training.cache import DecodeCache
+    from training.data import ImageSet, iterate, scan
+
+    m = scan(data)
+    recs = [f for f in m.usable() if f.path in set(train)]
+    cache = DecodeCache.build(data, recs, spec.resize_size, interpolation=spec.interpolation)
+    images = ImageSet.from_records(cache, recs, m.classes)
+
+    def batches():
+        for idx in iterate(len(images), 32, shuffle=True, generator=gen, drop_last=True):
+            yield images.batch(idx)
+
+    return batches
+
+
+def folder_batches(data: str, train: list[str], spec):
+    import torch
+    from torchvision import datasets, transforms
+
+    d = tempfile.mkdtemp()
+    for rel in train:  # exactly the same training images, as an ImageFolder
+        (Path(d) / Path(rel).parent).mkdir(parents=True, exist_ok=True)
+        os.symlink(Path(data) / rel, Path(d) / rel)
+    tf = transforms.Compose([transforms.Resize(spec.resize_size), transforms.CenterCrop(spec.resize_size),
+                             transforms.RandomResizedCrop(spec.input_size, scale=(0.35, 1.0)),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(spec.mean, spec.std)])
+    dl = torch.utils.data.DataLoader(datasets.ImageFolder(d, transform=tf), batch_size=32, shuffle=True,
+                                     num_workers=1, drop_last=True)
+    return lambda: iter(dl)
+
+
+def run_pupil(data: str, args) -> list[float]:
+    from training.config import TrainConfig
+    from training.fit import fit
+
+    with tempfile.TemporaryDirectory() as out:
+        r = fit(TrainConfig(data=data, img_size=args.img_size, epochs=EPOCHS, stages="finetune", patience=0,
+                            limit_per_class=args.per_class, out=out, progress=False))
+    return [h["images_per_s"] for h in r.history][1:]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-class", type=int, default=160)
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--model", default="efficientnet_lite0")
-    ap.add_argument("--role", choices=("ours", "plain"))
-    ap.add_argument("--files")
+    ap.add_argument("--role")
     args = ap.parse_args()
     if args.role:
-        from pupil.demo import materialise_elpv
-
-        data = str(materialise_elpv())
-        if args.role == "ours":
-            with tempfile.TemporaryDirectory() as out:
-                print(json.dumps(run_ours(data, out, args)))
-        else:
-            print(json.dumps(run_plain(data, json.loads(Path(args.files).read_text()), args)))
+        data, train = files(args)
+        out = run_pupil(data, args) if args.role == "pupil train" else run_variant(args.role, data, train, args)
+        print(json.dumps(out))
         return
-
-    header(f"training epoch time: ours vs a plain PyTorch loop ({args.model}, {args.img_size}px, batch {args.batch})")
-    base = [sys.executable, "-m", "bench.train_speed", "--per-class", str(args.per_class), "--img-size",
-            str(args.img_size), "--batch", str(args.batch), "--model", args.model]
-    env_plain = {k: v for k, v in os.environ.items() if k not in ALLOC}
-    ours = json.loads(subprocess.run(base + ["--role", "ours"], capture_output=True, text=True, check=True,
-                                     env={**os.environ, **ALLOC}).stdout.strip().splitlines()[-1])
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(ours["train_files"], f)
-    plain = json.loads(subprocess.run(base + ["--role", "plain", "--files", f.name], capture_output=True, text=True,
-                                      check=True, env=env_plain).stdout.strip().splitlines()[-1])
-    o, p = min(ours["epoch_seconds"][1:]), min(plain["epoch_seconds"][1:])
-    print(f"training images per epoch: {ours['images']} (ours), {plain['images']} (plain)")
-    print(f"ours:  epochs {', '.join(f'{s:.1f}' for s in ours['epoch_seconds'])} s -> {ours['images'] / o:.1f} img/s")
-    print(f"plain: epochs {', '.join(f'{s:.1f}' for s in plain['epoch_seconds'])} s -> {plain['images'] / p:.1f} img/s")
-    print(f"ratio (images/s, ours/plain): {(ours['images'] / o) / (plain['images'] / p):.2f}x   (target >= 2x)")
+    header(f"training epoch speed: efficientnet_lite0, {args.img_size}px, batch 32, the same 320 ELPV images")
+    results = {}
+    for name in [*VARIANTS, "pupil train"]:
+        alloc = name == "pupil train" or VARIANTS[name][0]
+        env = {**os.environ, **ALLOC} if alloc else {k: v for k, v in os.environ.items() if k not in ALLOC}
+        cmd = [sys.executable, "-m", "bench.train_speed", "--per-class", str(args.per_class), "--img-size",
+               str(args.img_size), "--role", name]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PUPIL_NO_REEXEC": "1"})
+        if r.returncode != 0:
+            sys.exit(r.stderr[-3000:])
+        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(row(name, results[name], "img/s", 22), flush=True)
+    print(ratio("pupil train / plain loop", results["pupil train"], results["plain"]))
+    names = list(VARIANTS)
+    for before, after in zip(names, names[1:]):
+        print(ratio(f"  {after} (over the row above)", results[after], results[before]))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def require_tools(*names: str) -> None:
 
 
 def image_size(image: str) -> int:
-    """Bytes of the image (its layers, uncompressed)."""
+    """Bytes of the image (its layers, uncompressed), from buildah's size (decimal units: "483 MB")."""
     out = subprocess.run(buildah("images", "--json", image), capture_output=True, text=True, check=True).stdout
-    return int(json.loads(out)[0]["size"])
+    value, unit = str(json.loads(out)[0]["size"]).split()
+    return int(float(value) * {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])

@@ -115,7 +115,7 @@ def uv_config(settings: dict[str, list[str]]) -> tuple[str, list[str]]:
             mounts.append(path.rstrip("/").removesuffix("/simple") if path.rstrip("/").endswith("/simple") else path)
         return value
 
-    lines = ["# written by service/container.py from this machine's pip configuration; mounted only during the build",
+    lines = ["# written by deploy/container.py from this machine's pip configuration; mounted only during the build",
              "system-certs = true"]
     if settings.get("index-url"):
         lines.append(f'index-url = "{local(settings["index-url"][0])}"')
@@ -125,9 +125,27 @@ def uv_config(settings: dict[str, list[str]]) -> tuple[str, list[str]]:
     links = [local(v) for v in settings.get("find-links", [])]
     if links:
         lines.append("find-links = [" + ", ".join(f'"{v}"' for v in links) + "]")
-    # uv's default index strategy, "first-index": a package comes from the first index that has it, never from a
-    # later one that might carry a higher version of the same name (dependency confusion)
+    # This machine's mirrors each hold part of the versions, so the resolver must look at every index (uv's default,
+    # "first-index", finds aiohttp on the first mirror but not the pinned version, and fails). That alone would let a
+    # later index's same-named package in (dependency confusion); what prevents it is below: every requirement is
+    # pinned to its version and to the SHA-256 of its files (`pin_hashes`), and the install refuses anything else.
+    lines.append('index-strategy = "unsafe-best-match"')
+    lines += ["", "[pip]", "require-hashes = true"]
     return "\n".join(lines) + "\n", sorted(set(mounts))
+
+
+def pin_hashes(requirements: Path, config: Path) -> None:
+    """Rewrite the Bento's locked requirements (name==version) with the SHA-256 of every file of each version, as the
+    indexes list them (`uv pip compile --generate-hashes`): the build's install (require-hashes) then accepts those
+    exact files and nothing else, from whichever index."""
+    uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    out = requirements.with_name("requirements.hashed.txt")
+    run([uv, "--config-file", str(config), "pip", "compile", str(requirements), "--generate-hashes", "--no-header",
+         "--quiet", "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28", "-o", str(out)])
+    text = out.read_text()
+    if text.count("--hash=sha256:") < len([ln for ln in requirements.read_text().splitlines() if "==" in ln]):
+        raise RuntimeError(f"{out}: not every requirement got a hash")
+    out.replace(requirements)
 
 
 def lean_dockerfile(text: str) -> str:
@@ -173,6 +191,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     with construct_containerfile(bentoml.bentos.get(bento), enable_buildkit=False, add_header=True) as (context, dockerfile):
         path = Path(context) / dockerfile
         path.write_text(lean_dockerfile(path.read_text()))
+        pin_hashes(Path(context) / "env" / "python" / "requirements.txt", WORK / "uv.toml")
         say(f"buildah bud {bento}'s generated Dockerfile (without the build tools) -> {image}")
         # overlay: cache each step (a rebuild with the same packages takes seconds); vfs copies the whole tree per
         # layer, so there the image is committed once at the end

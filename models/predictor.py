@@ -62,6 +62,9 @@ class Predictor:
         self.decode_threads = max(1, decode_threads)
         self.model = self.session = self.device = self.amp = None
         self._head: np.ndarray | None = None
+        # post-hoc logit adjustment chosen on validation for imbalanced data (training.metrics.choose_logit_bias)
+        bias = self.artifact.config.get("logit_bias")
+        self.bias = np.asarray(bias, dtype=np.float32) if bias else None
         if backend == "auto":
             if not torch_available():
                 backend = "onnx"
@@ -103,12 +106,13 @@ class Predictor:
         return np.ascontiguousarray(center(square, self.spec.input_size))
 
     def logits(self, arrays: np.ndarray) -> np.ndarray:
-        """Raw logits (float32 N x K) for a uint8 NxHxWx3 batch already at the input size (with tta: averaged with
-        the mirror image's)."""
+        """Logits (float32 N x K) for a uint8 NxHxWx3 batch already at the input size: the model's, with tta averaged
+        with the mirror image's, plus the artifact's logit adjustment if it has one."""
         arrays = np.asarray(arrays)
+        out = self._logits(arrays)
         if self.tta:
-            return (self._logits(arrays) + self._logits(np.ascontiguousarray(arrays[:, :, ::-1]))) / 2
-        return self._logits(arrays)
+            out = (out + self._logits(np.ascontiguousarray(arrays[:, :, ::-1]))) / 2
+        return out + self.bias if self.bias is not None else out
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
         if self.session is not None:
@@ -217,12 +221,14 @@ class Predictor:
         if self.session is None:
             from .gradcam import gradcam
 
+            if index is None and self.bias is not None:  # the adjusted answer, as predict gives it
+                index = int(self.logits(image[None])[0].argmax())
             heat, c, _ = gradcam(self.model, image, self.spec.mean, self.spec.std, index)
             return Explanation(image, heat, self.labels[c], c, "grad-cam")
         weight = self._head_weight()
         logits, features = self.session.run(["logits", "features"],
                                             {"input": normalize(image[None], self.spec.mean, self.spec.std)})
-        c = int(logits[0].argmax()) if index is None else index
+        c = int((logits[0] + (self.bias if self.bias is not None else 0)).argmax()) if index is None else index
         heat = heat_map(class_activation_map(features[0], weight, c), image.shape[:2])
         return Explanation(image, heat, self.labels[c], c, "cam")
 

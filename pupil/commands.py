@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from training.fit import lr_find
+    from training.tuning import lr_find
 
     cfg = config_from_args(args)
     if not cfg.data:

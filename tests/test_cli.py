@@ -17,7 +17,7 @@ def pupil(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_cli_train_then_predict(shapes_dir, tmp_path):
     run = tmp_path / "cli-run"
-    r = pupil("train", str(shapes_dir), *TINY_FLAGS, "--epochs", "6", "--seed", "7",
+    r = pupil("train", str(shapes_dir), *TINY_FLAGS, "--epochs", "6", "--seed", "7", "--device", "cpu",
               "--out", str(run))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["artifact"] == str(run / "model")

@@ -80,7 +80,7 @@ def test_one_channel_model_exports_and_serves_the_same_answers(shapes_dir, tiny_
     a = read_artifact(run.artifact_dir)
     assert a.spec.in_chans == 1 and a.info["onnx"]["parity_max_abs"] < 1e-4
     images = sorted(shapes_dir.rglob("*.png"))[:5]
-    torch_p = Predictor(run.artifact_dir, backend="torch").predict(images)
+    torch_p = Predictor(run.artifact_dir, backend="torch", device="cpu").predict(images)
     onnx_p = Predictor(run.artifact_dir, backend="onnx").predict(images)
     for t, o in zip(torch_p, onnx_p):
         assert t["predictions"][0]["label"] == o["predictions"][0]["label"]

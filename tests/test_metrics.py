@@ -89,3 +89,22 @@ def test_threshold_never_reports_a_precision_that_tied_scores_break():
     # for a target the tie can reach (8 of 11 right), the threshold takes the whole tie
     t = choose_threshold(probs, labels, 0.7)
     assert t["threshold"] == pytest.approx(0.9) and t["coverage"] == 1.0 and t["precision"] == pytest.approx(8 / 11)
+
+
+def test_logit_adjustment_moves_decisions_to_the_rare_class_only_when_it_pays():
+    from training.metrics import choose_logit_bias
+
+    rng = np.random.default_rng(0)
+    train_labels = np.array([0] * 900 + [1] * 100)  # 9:1
+    y = np.array([0] * 180 + [1] * 20)
+    # a model that separates the classes but has learnt the 9:1 prior: the rare class's logit sits just under the
+    # frequent one's for rare images (-0.5), far under it for the others (-3)
+    rare = np.where(y == 1, rng.normal(-0.5, 0.3, 200), rng.normal(-3.0, 0.3, 200))
+    logits = torch.tensor(np.stack([np.zeros(200), rare], 1), dtype=torch.float32)
+    bias, record = choose_logit_bias(logits, torch.tensor(y), train_labels, 2)
+    assert record["tau"] > 0 and record["val_macro_f1"][record["tau"]] > record["val_macro_f1"][0.0]
+    assert bias[1] > bias[0]  # the rare class gains
+    torch.testing.assert_close(bias, -record["tau"] * torch.log(torch.tensor([0.9, 0.1])))
+    # a model that is already right: nothing to gain, tau stays 0
+    perfect = torch.tensor(np.stack([5.0 * (y == 0), 5.0 * (y == 1)], 1), dtype=torch.float32)
+    assert choose_logit_bias(perfect, torch.tensor(y), train_labels, 2)[1]["tau"] == 0.0

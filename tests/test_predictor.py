@@ -47,7 +47,7 @@ def test_outputs_keep_order_and_errors_with_threaded_decoding(trained_run):
 
 def test_torch_and_onnx_give_the_same_answers(trained_run):
     images = sorted((trained_run.parent / "data").rglob("*.png"))[:8]
-    torch_p = Predictor(trained_run, backend="torch").predict(images, top_k=2)
+    torch_p = Predictor(trained_run, backend="torch", device="cpu").predict(images, top_k=2)  # fp32, as ONNX
     onnx_p = Predictor(trained_run, backend="onnx").predict(images, top_k=2)
     for t, o in zip(torch_p, onnx_p):
         assert [p["label"] for p in t["predictions"]] == [p["label"] for p in o["predictions"]]
@@ -93,7 +93,7 @@ def test_cam_from_the_onnx_features_equals_torch_grad_cam(trained_run, tmp_path,
 
     sources = sorted((trained_run.parent / "data").rglob("*.png"))[:4] + [photo(120, 90, seed=5).tobytes()]
     sources[-1] = _png(photo(120, 90, seed=5))
-    t, o = Predictor(art, backend="torch"), Predictor(art, backend="onnx")
+    t, o = Predictor(art, backend="torch", device="cpu"), Predictor(art, backend="onnx")
     for src in sources:
         for label in (None, t.labels[-1]):
             a, b = t.explain(src, label), o.explain(src, label)

@@ -13,11 +13,12 @@ from models import create_model
 from tests.conftest import TINY_FLAGS
 from training.config import TrainConfig
 from training.fit import fit
-from training.tuning import auto_batch_size, suggest
+from training.prepare import auto_batch_size
+from training.tuning import suggest
 
 
 def test_lr_find_cli_suggests_a_rate_that_trains_and_lr_auto_uses_it(shapes_dir, tiny_config, tmp_path):
-    cmd = [sys.executable, "-m", "pupil", "lr-find", str(shapes_dir), *TINY_FLAGS, "--lr-find-steps", "40",
+    cmd = [sys.executable, "-m", "pupil", "lr-find", str(shapes_dir), *TINY_FLAGS, "--device", "cpu", "--lr-find-steps", "40",
            "--out", str(tmp_path / "lf")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -30,7 +31,7 @@ def test_lr_find_cli_suggests_a_rate_that_trains_and_lr_auto_uses_it(shapes_dir,
     assert record["lrs"] == sorted(record["lrs"])  # exponentially increasing
 
     # --lr auto runs the same test (same seed, same data, no probe for small_cnn): same suggestion, and it trains
-    run = fit(tiny_config(shapes_dir, epochs=5, patience=0, lr="auto", lr_find_steps=40))
+    run = fit(tiny_config(shapes_dir, epochs=5, patience=0, lr="auto", lr_find_steps=40, device="cpu"))
     assert run.metrics["lr"] == pytest.approx(found["suggested_lr"])
     assert run.metrics["lr_find"]["suggested_lr"] == pytest.approx(found["suggested_lr"])
     assert (run.run_dir / "lr_find.png").is_file()
@@ -60,5 +61,5 @@ def test_suggestion_is_a_tenth_of_the_smoothed_minimum():
 def test_auto_batch_size_is_32_off_the_gpu(shapes_dir, tiny_config):
     model, spec = create_model("small_cnn", 2, "none", img_size=32, width=8)
     assert auto_batch_size(model, spec, torch.device("cpu"), None, 1000) == 32
-    run = fit(tiny_config(shapes_dir, epochs=1, batch_size=0))
+    run = fit(tiny_config(shapes_dir, epochs=1, batch_size=0, device="cpu"))
     assert run.metrics["batch_size"] == 32

@@ -78,7 +78,7 @@ def training_batch(data: ImageSet, idx: np.ndarray, spec, device: torch.device, 
                    crop_scale: float = 0.35, flips: str = "h") -> tuple[torch.Tensor, torch.Tensor]:
     """Images idx of the set, augmented on the device (policy, random-resized crop, flips) and normalised."""
     x, y = data.batch(idx)
-    pin = device.type == "cuda"
+    pin = device.type == "cuda" and not x.is_cuda
     x = (x.pin_memory() if pin else x).to(device, non_blocking=True).permute(0, 3, 1, 2)
     if policy is not None:
         x = augment_policy(x, policy, gen)

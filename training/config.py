@@ -30,9 +30,11 @@ class TrainConfig:
     probe_epochs: int = opt(100, "full-batch steps of the linear probe on cached features")
     img_size: int = opt(0, "input size in pixels (0: the model's default, 224 for efficientnet_lite0, 128 for "
                            "small_cnn)")
-    batch_size: int = opt(32, "images per step per process (under torchrun the global batch is this times the "
-                              "number of processes), or auto (0): on CUDA the largest that fits, halved on "
-                              "out-of-memory; 32 on a CPU", or_word=("auto", 0))
+    batch_size: int = opt(0, "images per step per process (under torchrun the global batch is this times the "
+                             "number of processes), or auto (0): 32 on a CPU; on CUDA the largest power of two whose "
+                             "step fits (at least 32, at most a sixteenth of the training set), the learning rate "
+                             "then scaled by sqrt(batch / 32) as timm scales it for adaptive optimizers; halved on "
+                             "out-of-memory", or_word=("auto", 0))
     lr: float | str = opt(0.0, "peak learning rate, or auto (the LR range test's suggestion, as `pupil lr-find` "
                                "shows it); 0: 1e-3 pretrained (backbone at lr/10), 3e-3 from scratch",
                           or_word=("auto", "auto"))
@@ -46,9 +48,11 @@ class TrainConfig:
     cutmix: float = opt(0.0, "cutmix alpha (0: off); with --mixup too, one of the two per batch")
     crop_scale: float = opt(0.35, "smallest area of the random-resized crop, as a fraction of the image (1 with "
                                   "--flips none: no augmentation, the centre crop as at evaluation)")
-    flips: str = opt("h", "h: horizontal flips | hv: also vertical | d8: also 90-degree rotations (all 8 "
-                          "symmetries of a square; for data with no up or down: cells, slides, tiles) | none",
-                     choices=("h", "hv", "d8", "none"))
+    flips: str = opt("auto", "auto: decided on validation by the probe (d8 if turning the training images "
+                             "does not hurt its validation loss, else h; h without a probe) | h: horizontal flips | "
+                             "hv: also vertical | d8: also 90-degree rotations (all 8 symmetries of a square; for "
+                             "data with no up or down: cells, slides, tiles) | none",
+                     choices=("auto", "h", "hv", "d8", "none"))
     warmup_epochs: float = opt(1.0, "epochs of linear learning-rate warm-up before the cosine decay")
     patience: int = opt(5, "early stopping after N epochs without a better validation score (0: off)")
     abstain_precision: float = opt(0.95, "confidence threshold chosen so accepted validation answers are this "
@@ -56,8 +60,10 @@ class TrainConfig:
     time_limit: float = opt(0.0, "minutes for the whole run (0: none); the epochs that fit are run, schedule intact")
     augment: str = opt("none", "none | trivial (TrivialAugmentWide) | randaugment, on top of random-resized-crop + "
                                "flip", choices=("none", "trivial", "randaugment"))
-    balance: str = opt("auto", "auto (class-balanced sampling when the largest class is over 3x the smallest) | "
-                               "sampler | loss (class-weighted) | none", choices=("auto", "sampler", "loss", "none"))
+    balance: str = opt("auto", "auto (posthoc when the largest class is over 3x the smallest, else none) | posthoc "
+                               "(logit adjustment after training: the classes' log-priors subtracted, scaled by a "
+                               "factor chosen on validation for macro-F1) | sampler (class-balanced sampling) | "
+                               "loss (class-weighted) | none", choices=("auto", "posthoc", "sampler", "loss", "none"))
     amp: str = opt("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16",
                    choices=("auto", "off", "bf16", "fp16"))
     freeze_bn: bool = opt(True, "pretrained models: keep BatchNorm running statistics fixed while fine-tuning")

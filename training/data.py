@@ -294,6 +294,8 @@ class ImageSet:
     rows: np.ndarray
     labels: np.ndarray
     paths: list[str] = field(default_factory=list)
+    resident: "torch.Tensor | None" = None  # the images as one uint8 tensor on the GPU (see to_device)
+    resident_labels: "torch.Tensor | None" = None
 
     @classmethod
     def from_records(cls, cache: DecodeCache, records: Sequence[FileRecord], classes: list[str]) -> "ImageSet":
@@ -311,7 +313,26 @@ class ImageSet:
 
         return np.ascontiguousarray(center(self.cache.images[self.rows[i]], size))
 
+    def to_device(self, device) -> bool:
+        """Keep the set's images on the GPU as one uint8 tensor (airbench's way: no copy per batch, no loader) when
+        it takes under a quarter of the free GPU memory; ELPV's 2,624 images at 256 px are 0.5 GB. Returns whether
+        it did."""
+        import torch
+
+        need = len(self.rows) * int(np.prod(self.cache.images.shape[1:]))
+        if device.type != "cuda" or not len(self.rows) or need > torch.cuda.mem_get_info(device)[0] // 4:
+            return False
+        x = np.empty((len(self.rows),) + self.cache.images.shape[1:], dtype=np.uint8)
+        order = np.argsort(self.rows)
+        x[order] = self.cache.images[self.rows[order]]
+        self.resident = torch.from_numpy(x).to(device)
+        self.resident_labels = torch.from_numpy(self.labels).to(device)
+        return True
+
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.resident is not None:
+            i = torch_index(idx, self.resident.device)
+            return self.resident[i], self.resident_labels[i]
         rows = self.rows[idx]
         order = np.argsort(rows)  # sorted reads are sequential on the memmap
         x = np.empty((len(rows),) + self.cache.images.shape[1:], dtype=np.uint8)
@@ -319,6 +340,12 @@ class ImageSet:
         import torch
 
         return torch.from_numpy(x), torch.from_numpy(self.labels[idx])
+
+
+def torch_index(idx: np.ndarray, device):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(idx)).to(device, non_blocking=True)
 
 
 def iterate(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,

@@ -15,11 +15,11 @@ reported apart.
 """
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from .distributed import log
 from .loop import (TrainSetup, WarmupCosine, evaluate, param_groups, predict_logits, steps_per_epoch,
                    train_one_epoch)
 from .prepare import DataError, Prepared, start
-from .metrics import choose_threshold, evaluate_logits, fit_temperature
+from .metrics import choose_logit_bias, choose_threshold, evaluate_logits, fit_temperature
 from .probe import linear_probe
 from .report import confident_mistakes, write_report
 from .state import TrainState, load_checkpoint, save_checkpoint
@@ -57,6 +57,7 @@ class RunResult:
 def fit(cfg: TrainConfig) -> RunResult:
     t_start = time.perf_counter()
     setup, prep = start(cfg)
+    phases = {"prepare_s": time.perf_counter() - t_start}
     cfg, dist = setup.cfg, setup.dist
     run_dir = Path(cfg.out)
     ckpt_path = run_dir / "last.pt"
@@ -67,9 +68,12 @@ def fit(cfg: TrainConfig) -> RunResult:
         prep.manifest.save_split(run_dir / "split.json")
     if resumed is not None:
         probe, lr_found = json.loads(resumed["probe"]), json.loads(resumed["lr_find"])
+        settle_flips(probe, setup)
     else:
         probe = linear_probe(prep.model, prep.train, prep.val, setup) if cfg.stages in ("probe", "both") else {}
+        settle_flips(probe, setup)
         lr_found = find_lr(prep, setup, run_dir) if cfg.lr == "auto" and finetunes(cfg) else {}
+    phases["probe_s"] = time.perf_counter() - t_start - sum(phases.values())
     if lr_found:
         cfg.lr = lr_found["suggested_lr"]
     state = new_state(prep.model, prep.train, setup, probe, lr_found)
@@ -80,13 +84,22 @@ def fit(cfg: TrainConfig) -> RunResult:
         state.keep_if_best((probe[setup.score_key], -probe["val_loss"]), 0)
     if finetunes(cfg):
         train_epochs(state, prep, setup, ckpt_path, t_start)
+    phases["finetune_s"] = time.perf_counter() - t_start - sum(phases.values())
     if state.best_state is not None:
         prep.model.load_state_dict(state.best_state)
-    return finish(state, prep, setup, run_dir, t_start)
+    return finish(state, prep, setup, run_dir, t_start, phases)
 
 
 def finetunes(cfg: TrainConfig) -> bool:
     return cfg.stages in ("finetune", "both") and cfg.epochs > 0
+
+
+def settle_flips(probe: dict[str, Any], setup: TrainSetup) -> None:
+    """--flips auto: the probe's choice (rank 0's), or h where no probe ran (a model trained from scratch)."""
+    if setup.cfg.flips == "auto" or "flips" in probe:
+        choices = ("h", "d8")
+        chose = (probe.get("flips") or {}).get("chose", "h")
+        setup.cfg.flips = choices[int(setup.dist.from_main(float(choices.index(chose)))[0])]
 
 
 def read_resume(cfg: TrainConfig, ckpt_path: Path, manifest: Manifest) -> dict[str, Any] | None:
@@ -145,40 +158,50 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
     cfg, dist = setup.cfg, setup.dist
     writer = _tensorboard(ckpt_path.parent / "tb") if dist.main else None
     fingerprint = prep.manifest.fingerprint()
-    while state.epoch < state.epochs and not (cfg.patience and state.stale >= cfg.patience):
-        epoch, t_epoch = state.epoch + 1, time.perf_counter()
-        at_start = state.snapshot(dist) if dist.world == 1 else None
-        row: dict[str, Any] = {"epoch": epoch, "lr": state.opt.param_groups[-1]["lr"]}
-        try:
-            row.update(train_one_epoch(state, prep.train, setup))
-        except torch.OutOfMemoryError:
-            if at_start is None or state.batch_size <= 1:  # under DDP the other ranks would wait forever
-                raise
-            rerun_smaller(state, at_start, len(prep.train), setup)
-            continue
-        if len(prep.val):
-            row.update(evaluate(state.judged, prep.val, setup))
-        # best = highest validation accuracy (macro-F1 on imbalanced data), ties broken by the lower loss
-        score = (row[setup.score_key], -row["val_loss"]) if len(prep.val) else (0.0, -row["train_loss"])
-        (better,) = dist.from_main(float(score > state.best_score))
-        state.epoch = epoch
-        state.history.append(row)
-        state.keep_if_best(score, epoch, better=bool(better))
-        log(f"epoch {epoch}/{state.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
-            + (f"validation loss {row['val_loss']:.4f}  accuracy {row['val_acc']:.3f}  " if len(prep.val) else "")
-            + f"{row['images_per_s']:.0f} img/s")
-        if writer is not None:
-            for k, v in row.items():
-                if k != "epoch":
-                    writer.add_scalar(k, v, epoch)
-            writer.flush()
-        if cfg.time_limit and len(state.history) == 1:
-            fit_time_limit(state, time.perf_counter() - t_start, time.perf_counter() - t_epoch, len(prep.train), setup)
-        snap = state.snapshot(dist, fingerprint)
-        if dist.main:
-            save_checkpoint(ckpt_path, snap)
-        if cfg.patience and state.stale >= cfg.patience:
-            log(f"early stop: no better validation score for {cfg.patience} epochs")
+    # the checkpoint of one epoch is the starting state of the next: an out-of-memory rerun goes back to it
+    at_start = state.snapshot(dist) if dist.world == 1 else None
+    with ThreadPoolExecutor(1) as disk:  # the checkpoint is written while the next epoch trains
+        pending = None
+        while state.epoch < state.epochs and not (cfg.patience and state.stale >= cfg.patience):
+            epoch, t_epoch = state.epoch + 1, time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch, "lr": state.opt.param_groups[-1]["lr"]}
+            try:
+                row.update(train_one_epoch(state, prep.train, setup))
+            except torch.OutOfMemoryError:
+                if at_start is None or state.batch_size <= 1:  # under DDP the other ranks would wait forever
+                    raise
+                rerun_smaller(state, at_start, len(prep.train), setup)
+                at_start = state.snapshot(dist)
+                continue
+            if len(prep.val):
+                row.update(evaluate(state.judged, prep.val, setup))
+            # best = highest validation accuracy (macro-F1 on imbalanced data), ties broken by the lower loss
+            score = (row[setup.score_key], -row["val_loss"]) if len(prep.val) else (0.0, -row["train_loss"])
+            (better,) = dist.from_main(float(score > state.best_score))
+            state.epoch = epoch
+            state.history.append(row)
+            state.keep_if_best(score, epoch, better=bool(better))
+            log(f"epoch {epoch}/{state.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
+                + (f"validation loss {row['val_loss']:.4f}  accuracy {row['val_acc']:.3f}  " if len(prep.val) else "")
+                + f"{row['images_per_s']:.0f} img/s")
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        writer.add_scalar(k, v, epoch)
+                writer.flush()
+            if cfg.time_limit and len(state.history) == 1:
+                fit_time_limit(state, time.perf_counter() - t_start, time.perf_counter() - t_epoch, len(prep.train),
+                               setup)
+            snap = state.snapshot(dist, fingerprint)
+            if dist.main:
+                if pending is not None:
+                    pending.result()  # one write at a time, in order; an error surfaces here
+                pending = disk.submit(save_checkpoint, ckpt_path, snap)
+            at_start = snap if dist.world == 1 else None
+            if cfg.patience and state.stale >= cfg.patience:
+                log(f"early stop: no better validation score for {cfg.patience} epochs")
+        if pending is not None:
+            pending.result()
     if writer is not None:
         writer.close()
 
@@ -220,12 +243,18 @@ def _set_lr(state: TrainState) -> None:
 # ------------------------------------------------------------------------------------------------------ the end
 
 
-def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, t_start: float) -> RunResult:
+def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, t_start: float,
+           phases: dict[str, float]) -> RunResult:
     """Calibrate and choose the abstention threshold on validation; then, once, the test split; write everything."""
     cfg, dist, model = setup.cfg, setup.dist, prep.model
-    temperature, val, val_logits = 1.0, {}, None
+    temperature, val, val_logits, bias, adjustment = 1.0, {}, None, None, {}
     if len(prep.val):
         val_logits, y = predict_logits(model, prep.val, setup)
+        if setup.balance == "posthoc":
+            bias, adjustment = choose_logit_bias(val_logits, y, prep.train.labels, len(prep.classes))
+            val_logits = val_logits + bias
+            log(f"logit adjustment: tau {adjustment['tau']:g} (validation macro-F1 "
+                + ", ".join(f"{t:g}: {f:.3f}" for t, f in adjustment["val_macro_f1"].items()) + ")")
         temperature = fit_temperature(val_logits, y)
         val = evaluate_logits(val_logits, y, prep.classes, temperature)
         val["abstention"] = choose_threshold(torch.softmax(val_logits / temperature, -1).numpy(), y.numpy(),
@@ -236,7 +265,7 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
                 f"{100 * a['coverage']:.0f}% are {100 * a['precision']:.1f}% right (target "
                 f"{100 * cfg.abstain_precision:.0f}%{'' if a['met'] else ', NOT reached'})")
     threshold = (val.get("abstention") or {}).get("threshold")
-    test = evaluate_test(model, prep.test, setup, temperature, threshold) if len(prep.test) else {}
+    test = evaluate_test(model, prep.test, setup, temperature, threshold, bias) if len(prep.test) else {}
     summary = {k: val[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece") if k in val}
     summary["val_images"] = len(prep.val)
     if test:
@@ -255,6 +284,9 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
         "counts": {s: prep.manifest.counts(s) for s in ("train", "val", "test") if s != "test" or len(prep.test)},
         "best_epoch": state.best_epoch,
         "selected_by": setup.select_by,
+        "balance": setup.balance,
+        "flips": cfg.flips,
+        "logit_adjustment": adjustment,
         "epochs_run": len(history),
         "temperature": temperature,
         "val": val,
@@ -263,6 +295,7 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
         "history": history,
         "skipped": [{"path": f.path, "problem": f.problem, "detail": f.detail} for f in prep.skipped],
         "wall_time_s": time.perf_counter() - t_start,
+        "phases": phases,
         "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "data_fingerprint": prep.manifest.fingerprint(),
@@ -271,8 +304,12 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
     artifact_dir = run_dir / "model"
     if dist.main:
         abst = val.get("abstention", {})
+        extra = {"data_fingerprint": out["data_fingerprint"], "abstention": abst}
+        if bias is not None:
+            extra.update(logit_bias=bias.tolist(), logit_adjustment=adjustment)
         save_artifact(artifact_dir, model.cpu(), prep.spec, prep.classes, temperature=temperature, metrics=summary,
-                      threshold=threshold, extra={"data_fingerprint": out["data_fingerprint"], "abstention": abst})
+                      threshold=threshold, extra=extra)
+        out["phases"]["finish_s"] = time.perf_counter() - t_start - sum(phases.values())  # artifact and metrics
         (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
         mistakes = []
         if val_logits is not None:
@@ -295,10 +332,13 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
     return RunResult(run_dir, artifact_dir, out, history)
 
 
-def evaluate_test(model, test: ImageSet, setup: TrainSetup, temperature: float,
-                  threshold: float | None) -> dict[str, Any]:
-    """The kept model on the test split, once, with the temperature and threshold chosen on validation."""
+def evaluate_test(model, test: ImageSet, setup: TrainSetup, temperature: float, threshold: float | None,
+                  bias: torch.Tensor | None = None) -> dict[str, Any]:
+    """The kept model on the test split, once, with the logit adjustment, temperature and threshold chosen on
+    validation."""
     logits, y = predict_logits(model, test, setup)
+    if bias is not None:
+        logits = logits + bias
     out = evaluate_logits(logits, y, setup.classes, temperature)
     if threshold is not None:
         probs = torch.softmax(logits / temperature, -1).numpy()
@@ -307,35 +347,6 @@ def evaluate_test(model, test: ImageSet, setup: TrainSetup, temperature: float,
                              "precision": float((probs.argmax(1) == y.numpy())[accepted].mean())
                              if accepted.any() else None}
     return out
-
-
-# ------------------------------------------------------------------------------------------------------ lr-find
-
-
-def lr_find(cfg: TrainConfig) -> dict[str, Any]:
-    """`pupil lr-find`: the same data, model, probe and augmentation as `pupil train` with these settings, then the
-    range test; writes lr_find.png and lr_find.json to cfg.out and returns the summary."""
-    if not cfg.out:
-        cfg = copy.copy(cfg)
-        cfg.out = str(Path("runs") / f"lr-find-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    setup, prep = start(cfg)
-    cfg = setup.cfg
-    if cfg.stages in ("probe", "both"):  # the fine-tune starts from the probed head: so does the test
-        linear_probe(prep.model, prep.train, prep.val, setup)
-    t0 = time.perf_counter()
-    result = lr_range_test(prep.model, prep.train, setup, cfg.batch_size, steps=cfg.lr_find_steps)
-    out = Path(cfg.out)
-    plot = plot_lr_find(result, out / "lr_find.png", f"{prep.spec.architecture}: learning-rate range test",
-                        pretrained=not cfg.from_scratch)
-    summary = {"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"],
-               "steepest_lr": result.get("steepest_lr"), "steps": len(result["lrs"]), "diverged": result["diverged"],
-               "seconds": round(time.perf_counter() - t0, 1), "plot": str(plot),
-               "train": f"pupil train {cfg.data} --model {cfg.model} --lr {result['suggested_lr']:.3g}"}
-    (out / "lr_find.json").write_text(json.dumps({**summary, "lrs": result["lrs"], "losses": result["losses"],
-                                                  "smoothed": result["smoothed"]}, indent=1) + "\n")
-    log(f"lr-find: suggested learning rate {result['suggested_lr']:.2g} (lowest smoothed loss at "
-        f"{result['min_loss_lr']:.2g}); plot {plot}")
-    return summary
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

@@ -2,6 +2,7 @@
 build the model on the device, decode every image once, choose the imbalance remedy and the batch size."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from models import create_model
-from models.runtime import amp_dtype, amp_name, pick_device
+from models.runtime import amp_dtype, amp_name, autocast, pick_device
 
 from .augment import make_policy
 from .config import TrainConfig
@@ -18,7 +19,6 @@ from .cache import DecodeCache
 from .data import ImageSet, Manifest, apply_cache_failures, scan, split_manifest, trainability
 from .distributed import Dist, log, setup_distributed
 from .loop import TrainSetup
-from .tuning import auto_batch_size
 
 
 class DataError(RuntimeError):
@@ -48,15 +48,19 @@ def start(cfg: TrainConfig) -> tuple[TrainSetup, Prepared]:
     amp = amp_dtype(device, cfg.amp)
     log(f"device: {device} ({amp_name(amp)})" + (f", {dist.world} processes (DDP)" if dist.world > 1 else ""))
     prep = prepare(cfg, dist, device)
-    class_weights, sample_weights, select_by = balance(cfg.balance, prep.train.labels, len(prep.classes))
+    class_weights, sample_weights, select_by, mode = balance(cfg.balance, prep.train.labels, len(prep.classes))
     setup = TrainSetup(cfg, prep.spec, device, amp, dist, prep.classes,
                        class_weights.to(device) if class_weights is not None else None, sample_weights, select_by,
-                       make_policy(cfg.augment))
+                       make_policy(cfg.augment), mode)
     if cfg.batch_size <= 0:
         found = auto_batch_size(prep.model, prep.spec, device, amp, len(prep.train))
         cfg.batch_size = int(dist.from_main(found)[0])
-        log(f"batch size {cfg.batch_size} (auto: " + ("the largest power of two that fits on the GPU)"
-                                                     if device.type == "cuda" else "the CPU default)"))
+        scaled = ""
+        if cfg.batch_size != 32 and cfg.lr != "auto":
+            cfg.lr = float(cfg.lr) * math.sqrt(cfg.batch_size / 32)
+            scaled = f"; learning rate {cfg.lr:.3g}, scaled by sqrt({cfg.batch_size}/32)"
+        log(f"batch size {cfg.batch_size} (auto: " + ("the largest power of two that fits on the GPU"
+                                                     if device.type == "cuda" else "the CPU default") + f"){scaled}")
     return setup, prep
 
 
@@ -66,7 +70,7 @@ def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
     reason = trainability(manifest)
     if reason:
         raise DataError(reason)
-    _limit(manifest, cfg.limit_per_class, cfg.seed)
+    limit_per_class(manifest, cfg.limit_per_class, cfg.seed)
     classes = manifest.classes
 
     extra: dict[str, Any] = {"width": cfg.width, "depth": cfg.depth} if cfg.model == "small_cnn" else {}
@@ -90,6 +94,8 @@ def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
     log(f"decode cache: {'hit, nothing decoded' if cache.decoded == 0 else f'{cache.decoded} images decoded once'} "
         f"({cache.path})")
     train, val, test = (ImageSet.from_records(cache, manifest.usable(s), classes) for s in ("train", "val", "test"))
+    if device.type == "cuda" and all([s.to_device(device) for s in (train, val, test)]):
+        log("images resident on the GPU as uint8 (no host-to-device copy per batch)")
     skipped = manifest.problems()
     if skipped:
         log(f"skipped {len(skipped)} problem file(s): " + ", ".join(f"{f.path} ({f.problem})" for f in skipped[:5])
@@ -102,32 +108,66 @@ def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
     return Prepared(manifest, classes, model, spec, train, val, test, skipped)
 
 
-def balance(mode: str, labels: np.ndarray, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """(class weights for the loss, per-sample weights for the sampler, the selection metric).
+def auto_batch_size(model: torch.nn.Module, spec, device: torch.device, amp, n_train: int) -> int:
+    """32 on a CPU. On CUDA, a power of two from the data: a sixteenth of the training set (so a small set still
+    gets a few hundred steps), between 32 and 512; one forward and backward pass at that size checks it fits (and
+    it is halved until it does). That pass has the shape of every later training step, so it adds no kernel choice:
+    on an H200, trying 32 and then 64 before training cost 34 s of a 69 s ELPV run (BENCHMARKS.md, GPU). An epoch
+    that still runs out of memory is rerun at half the batch (fit.rerun_smaller)."""
+    if device.type != "cuda":
+        return 32
+    b = max(32, min(512, 1 << max(0, (n_train // 16).bit_length() - 1)))
+    buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
+    model.train()
+    try:
+        while True:
+            try:
+                x = torch.randn(b, spec.in_chans, spec.input_size, spec.input_size, device=device)
+                with autocast(device, amp):
+                    out = model(x.contiguous(memory_format=torch.channels_last))
+                out.float().logsumexp(-1).mean().backward()
+                return b
+            except torch.OutOfMemoryError:
+                if b <= 1:
+                    raise
+                b //= 2
+            finally:
+                model.zero_grad(set_to_none=True)
+                x = out = None  # noqa: F841
+                torch.cuda.empty_cache()
+    finally:
+        model.load_state_dict(buffers, strict=False)  # BatchNorm statistics as they were
 
-    auto switches to class-balanced sampling when the largest class is over 3x the smallest; then the best epoch is
-    chosen by macro-F1, since accuracy rewards ignoring the small classes. Sampling, not loss weights: on 10:1 data
-    (8 seeds, BENCHMARKS.md) balanced sampling had the best mean macro-F1 and a weighted loss the worst, below doing
-    nothing (a minority image weighted 10x makes the fine-tune's steps erratic)."""
+
+def balance(mode: str, labels: np.ndarray, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str, str]:
+    """(class weights for the loss, per-sample weights for the sampler, the selection metric, the mode used).
+
+    auto means posthoc when the largest class is over 3x the smallest, and then the best epoch is chosen by macro-F1,
+    since accuracy rewards ignoring the small classes. posthoc trains on the data as it is and corrects the decision
+    after training (logit adjustment, Menon et al. 2021; training.metrics.choose_logit_bias): class-balanced
+    sampling, the earlier default, made ELPV's 4-class fine-tune worse than its own linear probe (issue 14), and a
+    class-weighted loss was the worst of three on 10:1 data (BENCHMARKS.md)."""
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     present = counts[counts > 0]
     imbalanced = len(present) > 1 and present.max() > 3 * present.min()
     if mode == "auto":
-        mode = "sampler" if imbalanced else "none"
+        mode = "posthoc" if imbalanced else "none"
         if imbalanced:
-            log(f"imbalance {present.max() / present.min():.1f}x: class-balanced sampling, best epoch by macro-F1 "
-                "(--balance none to switch off)")
+            log(f"imbalance {present.max() / present.min():.1f}x: best epoch by macro-F1, then logit adjustment "
+                "chosen on validation (--balance none to switch off)")
     if mode == "none":
-        return None, None, "accuracy"
+        return None, None, "accuracy", mode
+    if mode == "posthoc":
+        return None, None, "macro_f1", mode
     inv = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 0.0)
     if mode == "loss":
-        return torch.tensor(inv, dtype=torch.float32), None, "macro_f1"
+        return torch.tensor(inv, dtype=torch.float32), None, "macro_f1", mode
     if mode == "sampler":
-        return None, torch.tensor(inv[labels], dtype=torch.float64), "macro_f1"
-    raise ValueError(f"--balance must be auto, loss, sampler or none, not {mode!r}")
+        return None, torch.tensor(inv[labels], dtype=torch.float64), "macro_f1", mode
+    raise ValueError(f"--balance must be auto, posthoc, loss, sampler or none, not {mode!r}")
 
 
-def _limit(m: Manifest, per_class: int, seed: int) -> None:
+def limit_per_class(m: Manifest, per_class: int, seed: int) -> None:
     """Keep at most `per_class` usable images per class in train (a quarter of that in val), a seeded choice.
     The test split is never trimmed."""
     if per_class <= 0:

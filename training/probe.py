@@ -11,6 +11,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,20 +20,13 @@ from .distributed import log
 from .loop import TrainSetup, evaluate, predict_logits
 
 
-def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: TrainSetup) -> dict[str, Any]:
-    """Fit model's head on frozen features; the head with the lowest validation loss is kept. Returns its record."""
-    cfg = setup.cfg
-    t0 = time.perf_counter()
-    x_train, y_train = (t.clone() for t in predict_logits(model, train, setup, pre_logits=True))
-    x_val, y_val = (t.clone() for t in predict_logits(model, val, setup, pre_logits=True)) if len(val) else (None, None)
-    t_feat = time.perf_counter() - t0
-
-    head = copy.deepcopy(model.get_classifier()).float().cpu()
+def fit_head(head: torch.nn.Module, x_train, y_train, x_val, y_val, setup: TrainSetup) -> tuple[float, dict, int]:
+    """Full-batch AdamW steps of the head on features; (best validation loss, its state, its step)."""
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
     w = setup.class_weights.cpu() if setup.class_weights is not None else None
     best = (math.inf, copy.deepcopy(head.state_dict()), 0)
-    for step in range(cfg.probe_epochs):
-        loss = F.cross_entropy(head(x_train), y_train, weight=w, label_smoothing=cfg.label_smoothing)
+    for step in range(setup.cfg.probe_epochs):
+        loss = F.cross_entropy(head(x_train), y_train, weight=w, label_smoothing=setup.cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -42,12 +36,57 @@ def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: 
             if vloss < best[0]:
                 best = (vloss, copy.deepcopy(head.state_dict()), step + 1)
     if x_val is None:
-        best = (float("nan"), head.state_dict(), cfg.probe_epochs)
+        best = (float("nan"), copy.deepcopy(head.state_dict()), setup.cfg.probe_epochs)
+    return best
+
+
+def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: TrainSetup) -> dict[str, Any]:
+    """Fit model's head on frozen features; the head with the lowest validation loss is kept. Returns its record.
+    With --flips auto it also settles the flips (choose_flips)."""
+    t0 = time.perf_counter()
+    x_train, y_train = (t.clone() for t in predict_logits(model, train, setup, pre_logits=True))
+    x_val, y_val = (t.clone() for t in predict_logits(model, val, setup, pre_logits=True)) if len(val) else (None, None)
+    t_feat = time.perf_counter() - t0
+
+    head = copy.deepcopy(model.get_classifier()).float().cpu()
+    best = fit_head(head, x_train, y_train, x_val, y_val, setup)
     model.get_classifier().load_state_dict(best[1])
     out = {"feature_seconds": t_feat, "head_seconds": time.perf_counter() - t0 - t_feat, "best_step": best[2],
            "train_images": len(train), "images_per_s": len(train) / t_feat if t_feat else 0.0}
+    if setup.cfg.flips == "auto" and x_val is not None:
+        out["flips"] = choose_flips(model, train, setup, x_train, y_train, x_val, y_val)
     if len(val):
         out.update(evaluate(model, val, setup))
         log(f"probe: features of {len(train)} images in {t_feat:.1f}s, head trained in {out['head_seconds']:.2f}s; "
             f"validation loss {out['val_loss']:.4f}  accuracy {out['val_acc']:.3f}")
     return out
+
+
+def choose_flips(model, train: ImageSet, setup: TrainSetup, x_train, y_train, x_val, y_val,
+                 subset: int = 512) -> dict[str, Any]:
+    """--flips auto: does the data have an up and a down? Decided on validation, by two probes on the same training
+    images (at most `subset`): one on their features as they are, one also on the features of their upside-down and
+    transposed copies. Each validation image's loss under the two heads is compared, pairwise: if the second head is
+    not worse by more than two standard errors of the mean difference (or by under 2 %), turning an image changes
+    nothing that matters, and the fine-tune uses all 8 symmetries of the square (d8: cells, tiles, slides, textures);
+    if it is worse (a 6 read as a 9, a bar across read as a bar down), only mirror images (h)."""
+    g = torch.Generator().manual_seed(setup.cfg.seed + 5)
+    pick = np.sort(torch.randperm(len(train), generator=g)[:subset].numpy())
+    sub = ImageSet(train.cache, train.rows[pick], train.labels[pick], [])
+    xs, ys = x_train[torch.from_numpy(pick)], y_train[torch.from_numpy(pick)]
+    turned = [predict_logits(model, sub, setup, pre_logits=True, transform=t)[0]
+              for t in (lambda x: x.flip(1), lambda x: x.transpose(1, 2))]
+    losses = []
+    for x, y in ((xs, ys), (torch.cat([xs, *turned]), ys.repeat(3))):
+        head = copy.deepcopy(model.get_classifier()).float().cpu()
+        head.load_state_dict(fit_head(head, x, y, x_val, y_val, setup)[1])
+        with torch.no_grad():
+            losses.append(F.cross_entropy(head(x_val), y_val, reduction="none"))
+    diff = losses[1] - losses[0]
+    se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+    plain, rotated = float(losses[0].mean()), float(losses[1].mean())
+    chose = "d8" if float(diff.mean()) <= max(2 * se, 0.02 * plain) else "h"
+    log(f"flips auto: {chose} (validation loss of a probe {plain:.4f} on upright images, {rotated:.4f} with "
+        f"upside-down and transposed copies too; standard error of the difference {se:.4f})")
+    return {"chose": chose, "val_loss_upright": plain, "val_loss_with_turned": rotated, "se": se,
+            "images": len(pick)}

