@@ -33,18 +33,25 @@ def _training_errors():
     return (DataError, FileNotFoundError, ValueError, PretrainedError)
 
 
+def _with_config(args: argparse.Namespace, command: str, job):
+    """(exit code, result): `job` run on the TrainConfig of the arguments, or 2 with the one-line reason."""
+    cfg = config_from_args(args)
+    if not cfg.data:
+        print(f"pupil {command}: give a DATA folder (or a --config that names one)", file=sys.stderr)
+        return 2, None
+    try:
+        return 0, job(cfg)
+    except _training_errors() as e:
+        print(f"pupil {command}: {e}", file=sys.stderr)
+        return 2, None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training.fit import fit
 
-    cfg = config_from_args(args)
-    if not cfg.data:
-        print("pupil train: give a DATA folder (or a --config that names one)", file=sys.stderr)
-        return 2
-    try:
-        result = fit(cfg)
-    except _training_errors() as e:
-        print(f"pupil train: {e}", file=sys.stderr)
-        return 2
+    code, result = _with_config(args, "train", fit)
+    if code:
+        return code
     line = {"run": str(result.run_dir), "artifact": str(result.artifact_dir),
             "val_accuracy": result.metrics["val"].get("accuracy")}
     if result.metrics.get("test"):
@@ -56,16 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from training.tuning import lr_find
 
-    cfg = config_from_args(args)
-    if not cfg.data:
-        print("pupil lr-find: give a DATA folder (or a --config that names one)", file=sys.stderr)
-        return 2
-    try:
-        print(json.dumps(lr_find(cfg)))
-    except _training_errors() as e:
-        print(f"pupil lr-find: {e}", file=sys.stderr)
-        return 2
-    return 0
+    code, summary = _with_config(args, "lr-find", lr_find)
+    if not code:
+        print(json.dumps(summary))
+    return code
 
 
 def image_paths(items: list[str]) -> list[Path]:

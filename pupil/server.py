@@ -87,6 +87,7 @@ class Server:
         self.cmd, self.port, self.cwd, self.timeout = cmd, port, cwd, timeout
         self.env = {**os.environ, **(env or {})}
         self.url = f"http://{host}:{port}"
+        self.own_log = log is None  # a temporary file of ours: removed when the server stops
         self.log = Path(log) if log else Path(tempfile.mkstemp(prefix=f"pupil-server-{port}-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.ready_seconds = 0.0
@@ -108,8 +109,9 @@ class Server:
         try:
             wait_ready(self.url, self.proc, self.timeout)
         except (RuntimeError, TimeoutError) as e:
+            tail = self.output()[-3000:]
             self.stop()
-            raise type(e)(f"{e}; its output ends:\n{self.output()[-3000:]}") from None
+            raise type(e)(f"{e}; its output ends:\n{tail}") from None
         self.ready_seconds = time.perf_counter() - t0
         return self
 
@@ -140,6 +142,8 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        if self.own_log:
+            self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> "Server":
         return self if self.proc is not None else self.start()

@@ -219,6 +219,21 @@ def test_ddp_with_lr_auto_and_ema_writes_once_and_agrees(tmp_path):
     assert len(load_checkpoint(out / "last.pt")["aug_gen"]) == 2  # each rank's augmentation stream kept
 
 
+def test_early_stopping_measures_the_fine_tune_against_itself_not_the_probe(shapes_dir, tiny_config, monkeypatch):
+    """A fine-tune that starts under a strong probe and climbs: patience counts from its own best epoch, so it runs
+    until it stops improving (epoch 3, then 2 more); the probe, still better, is the model kept."""
+    scripted = iter([0.1, 0.2, 0.3, 0.25, 0.2, 0.15, 0.1])
+
+    def evaluate(model, data, setup):
+        acc = next(scripted)
+        return {"val_loss": 1.0 - acc, "val_acc": acc, "val_macro_f1": acc}
+
+    monkeypatch.setattr(fit_module, "evaluate", evaluate)
+    r = fit(tiny_config(shapes_dir, model="efficientnet_lite0", epochs=7, patience=2))
+    assert r.metrics["probe"]["val_acc"] > 0.3
+    assert r.metrics["epochs_run"] == 5 and r.metrics["best_epoch"] == 0
+
+
 def test_time_limit_runs_only_the_epochs_that_fit(shapes_dir, tiny_config):
     t0 = time.time()
     r = fit(tiny_config(shapes_dir, epochs=100_000, time_limit=0.2, patience=0))

@@ -54,7 +54,8 @@ class TrainConfig:
                              "data with no up or down: cells, slides, tiles) | none",
                      choices=("auto", "h", "hv", "d8", "none"))
     warmup_epochs: float = opt(1.0, "epochs of linear learning-rate warm-up before the cosine decay")
-    patience: int = opt(5, "early stopping after N epochs without a better validation score (0: off)")
+    patience: int = opt(5, "early stopping after N epochs in which the fine-tune did not improve on its own best "
+                           "validation score (the probe stays a candidate for the model kept; 0: off)")
     abstain_precision: float = opt(0.95, "confidence threshold chosen so accepted validation answers are this "
                                          "precise (0: never abstain)")
     time_limit: float = opt(0.0, "minutes for the whole run (0: none); the epochs that fit are run, schedule intact")

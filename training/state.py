@@ -63,10 +63,9 @@ class TrainState:
     def keep_if_best(self, score: tuple[float, float], epoch: int, better: bool | None = None) -> bool:
         """Keep the judged weights if `score` beats the best so far (or if `better` says so: rank 0's verdict)."""
         if better if better is not None else score > self.best_score:
-            self.best_score, self.best_epoch, self.stale = score, epoch, 0
+            self.best_score, self.best_epoch = score, epoch
             self.best_state = cpu_copy(self.judged.state_dict())
             return True
-        self.stale += 1
         return False
 
     def snapshot(self, dist: Dist, fingerprint: str = "") -> dict[str, Any]:
