@@ -1,6 +1,6 @@
 """Imbalance: on a 10:1 folder, what each --balance mode does to macro-F1, over several seeds, side by side.
 
-The data (made here, the same generator as tests/test_conveniences.py): gray noise with a red-tinted 8x8 patch,
+The data (made here): gray noise with a red-tinted 8x8 patch,
 strong in `defect` (30 images) and weak in `ok` (300), overlapping on purpose. efficientnet_lite0 with its bundled
 ImageNet weights at 64 px, probe + 2 fine-tune epochs; each seed has its own data and split. `none` selects the
 best epoch by accuracy (what it would do), the others by macro-F1.
@@ -19,7 +19,23 @@ import numpy as np
 
 from bench.common import header
 
-MODES = ("sampler", "none", "loss")
+MODES = ("posthoc", "sampler", "none", "loss")
+
+
+def make_imbalanced(root: Path, major: int = 300, minor: int = 30, seed: int = 0) -> Path:
+    """10:1, and ambiguous on purpose: every image is gray noise with a red-tinted 8x8 patch somewhere, strong in
+    `defect` (+10..45) and weak in `ok` (+0..25), so the two overlap and a model can trade the classes' errors."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, n, tint in (("ok", major, (0, 25)), ("defect", minor, (10, 45))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.normal(128, 30, (32, 32, 1)).repeat(3, axis=2)
+            y, x = rng.integers(0, 24, 2)
+            img[y:y + 8, x:x + 8, 0] += rng.uniform(*tint)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / label / f"{label}_{i:03d}.png")
+    return root
 
 
 def main() -> None:
@@ -29,8 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=8)
     args = ap.parse_args()
-    from tests.test_conveniences import make_imbalanced
-    from training.fit import TrainConfig, fit
+    from training.config import TrainConfig
+    from training.fit import fit
 
     header(f"--balance on 10:1 data, macro-F1 on validation, {args.seeds} seeds")
     table = {m: [] for m in MODES}
@@ -47,9 +63,11 @@ def main() -> None:
     print(f"{'mode':<10}{'mean macro-F1':>15}" + "".join(f"{f's{i}':>7}" for i in range(args.seeds)))
     for m in MODES:
         print(f"{m:<10}{np.mean(table[m]):>15.3f}" + "".join(f"{v:>7.3f}" for v in table[m]))
-    s, n = np.array(table["sampler"]), np.array(table["none"])
-    print(f"sampler vs none: {np.mean(s - n):+.3f} mean; better on {(s > n).sum()}, equal on {(s == n).sum()}, "
-          f"worse on {(s < n).sum()} of {len(s)} seeds")
+    n = np.array(table["none"])
+    for m in ("posthoc", "sampler"):
+        s = np.array(table[m])
+        print(f"{m} vs none: {np.mean(s - n):+.3f} mean; better on {(s > n).sum()}, equal on {(s == n).sum()}, "
+              f"worse on {(s < n).sum()} of {len(s)} seeds")
 
 
 if __name__ == "__main__":

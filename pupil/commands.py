@@ -210,11 +210,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def import_to_store(target: str) -> str:
-    """The BentoML store tag of an artifact (imported if needed) or of a tag."""
+def store_tag(command: str, target: str) -> str | None:
+    """The BentoML store tag of an artifact (imported if needed) or of a tag; None, with the reason printed, when
+    the artifact cannot be imported."""
+    from models.artifact import ArtifactError
     from service.store import resolve
 
-    return resolve(target)
+    try:
+        return resolve(target)
+    except (ArtifactError, FileNotFoundError, RuntimeError) as e:
+        print(f"pupil {command}: cannot import {target} into the BentoML model store: {e}", file=sys.stderr)
+        return None
 
 
 def serve_env(tag: str) -> dict[str, str]:
@@ -222,12 +228,8 @@ def serve_env(tag: str) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from models.artifact import ArtifactError
-
-    try:
-        tag = import_to_store(args.artifact)
-    except (ArtifactError, FileNotFoundError, RuntimeError) as e:
-        print(f"pupil serve: cannot import {args.artifact} into the BentoML model store: {e}", file=sys.stderr)
+    tag = store_tag("serve", args.artifact)
+    if tag is None:
         return 2
     print(f"pupil serve: model {tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
@@ -237,12 +239,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from models.artifact import ArtifactError, locate
+    from models.artifact import locate
 
-    try:
-        tag = import_to_store(args.artifact)
-    except (ArtifactError, FileNotFoundError, RuntimeError) as e:
-        print(f"pupil build: cannot import {args.artifact} into the BentoML model store: {e}", file=sys.stderr)
+    tag = store_tag("build", args.artifact)
+    if tag is None:
         return 2
     cmd = [sys.executable, "-m", "service.bento", tag] + (["--gpu"] if args.gpu else []) + \
         (["--base-image", args.base_image] if args.base_image else [])

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from models.runtime import autocast
 
 from .augment import training_batch
-from .data import ImageSet, iterate
-from .loop import TrainSetup, optimizer_step, param_groups, train_mode
 from .config import TrainConfig
+from .data import ImageSet, iterate
 from .distributed import log
+from .loop import TrainSetup, optimizer_step, param_groups, train_mode
 from .prepare import start
 from .probe import linear_probe
 
