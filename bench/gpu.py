@@ -253,7 +253,7 @@ def serving() -> dict:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
         jpegs.append(buf.getvalue())
-    pred.probabilities(np.stack([pred.load(jpegs[0])] * 8))  # warm-up: kernels picked, memory pooled
+    pred.warm_up(32)  # as the service does before /readyz: every padded batch size once, on the model's thread
     out = {}
     for mode in ("per_request", "batched"):
         batcher = Batcher(pred.stacked_probabilities, max_batch=32, wait_ms=5) if mode == "batched" else None
@@ -318,12 +318,15 @@ def resume_on_cuda() -> dict:
 
 @step("tests_on_cuda")
 def tests_on_cuda() -> dict:
-    files = ["tests/test_fit.py", "tests/test_batcher.py", "tests/test_predictor.py", "tests/test_probe.py",
-             "tests/test_augment.py", "tests/test_state.py", "tests/test_tuning.py"]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                        "-m", "not slow", "-n", "6", "--dist", "loadfile", *files], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
-    tail = (r.stdout + r.stderr).strip().splitlines()
+    files = ["tests/test_fit.py", "tests/test_loop.py", "tests/test_batcher.py", "tests/test_predictor.py",
+             "tests/test_probe.py", "tests/test_augment.py", "tests/test_state.py", "tests/test_tuning.py"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = OUT / "tests_on_cuda.log"  # written as it runs: a call's time limit still leaves what ran, and how long
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                            "-m", "not slow", "-n", "6", "--dist", "loadfile", "--durations", "15", *files],
+                           stdout=f, stderr=subprocess.STDOUT, text=True, timeout=300, cwd=ROOT)
+    tail = log.read_text().strip().splitlines()
     failed = [ln for ln in tail if ln.startswith("FAILED") or ln.startswith("ERROR")]
     return {"returncode": r.returncode, "summary": tail[-1] if tail else "", "failed": failed[:20]}
 

@@ -20,7 +20,7 @@ from .explain import Explanation, ExplainUnavailable, class_activation_map, heat
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_square
 from .onnxrt import ONNX, onnx_current, onnx_session
 from .preprocess import center, normalize
-from .runtime import in_batches, torch_available
+from .runtime import bucket, in_batches, torch_available
 
 Source = bytes | str | Path
 
@@ -43,12 +43,15 @@ class Predictor:
         tta: bool = False,
         amp: str = "auto",
         decode_threads: int = 1,
+        device_thread: bool | None = None,
     ):
         """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx, and
         always where torch is not installed). artifact: an Artifact, an artifact directory or a run directory.
         tta: test-time augmentation, the logits of the image and of its mirror image averaged (twice the compute).
         amp: auto (bf16, or fp16 where bf16 is not supported, autocast on CUDA; fp32 elsewhere) | off.
-        decode_threads: images decoded at once by `outputs` (Pillow releases the GIL while decoding)."""
+        decode_threads: images decoded at once by `outputs` (Pillow releases the GIL while decoding).
+        device_thread: run every model call on one long-lived thread, in batches padded to a power of two (default:
+        on CUDA, see _init_torch)."""
         if amp not in ("auto", "off"):
             raise ValueError(f"amp must be auto or off, not {amp!r}")
         if backend not in ("auto", "torch", "onnx"):
@@ -60,7 +63,7 @@ class Predictor:
         self.labels = self.artifact.labels
         self.max_pixels = max_pixels
         self.decode_threads = max(1, decode_threads)
-        self.model = self.session = self.device = self.amp = None
+        self.model = self.session = self.device = self.amp = self._device_thread = None
         self._head: np.ndarray | None = None
         # post-hoc logit adjustment chosen on validation for imbalanced data (training.metrics.choose_logit_bias)
         bias = self.artifact.config.get("logit_bias")
@@ -80,10 +83,10 @@ class Predictor:
                                     "installed")
             self.session = onnx_session(self.artifact.path / ONNX, threads)  # type: ignore[operator]
         else:
-            self._init_torch(device, amp)
+            self._init_torch(device, amp, device_thread)
         self.backend = backend
 
-    def _init_torch(self, device: str, amp: str) -> None:
+    def _init_torch(self, device: str, amp: str, device_thread: bool | None) -> None:
         import torch
 
         from .artifact import load_artifact
@@ -94,6 +97,13 @@ class Predictor:
         self.device = pick_device(device)
         self.amp = amp_dtype(self.device, amp) if amp == "auto" else None
         self.model = self.artifact.model.to(self.device).eval().to(memory_format=torch.channels_last)
+        # cuDNN keeps the convolution plans it picks per thread and per input shape, and picking them cost about 2.4 s
+        # per (thread, batch size) for lite0 on an H100 (BENCHMARKS.md, GPU): a server's handler threads each paid it,
+        # one after another (the 99th-percentile latency at 32 concurrent callers was 75 s). So on CUDA every model
+        # call runs on one long-lived thread, and batches are padded to a power of two: a handful of shapes, picked
+        # once, at start-up (warm_up).
+        if device_thread if device_thread is not None else self.device.type == "cuda":
+            self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="pupil-device")
 
     @property
     def temperature(self) -> float:
@@ -118,6 +128,14 @@ class Predictor:
         if self.session is not None:
             x = normalize(batch, self.spec.mean, self.spec.std)
             return self.session.run(["logits"], {"input": x})[0].astype(np.float32)
+        n = len(batch)
+        if self._device_thread is None:
+            return self._forward(batch)
+        if bucket(n) > n:
+            batch = np.concatenate([batch, np.zeros((bucket(n) - n, *batch.shape[1:]), batch.dtype)])
+        return self.on_device(self._forward, batch)[:n]
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         from .runtime import autocast
@@ -127,6 +145,22 @@ class Predictor:
                           self.spec.mean, self.spec.std)
             with autocast(self.device, self.amp):
                 return self.model(x).float().cpu().numpy()
+
+    def on_device(self, fn, *args):
+        """fn(*args) on the model's own thread where it has one (CUDA, see _init_torch), else here."""
+        if self._device_thread is None:
+            return fn(*args)
+        return self._device_thread.submit(fn, *args).result()
+
+    def warm_up(self, max_batch: int = 1) -> None:
+        """Run the model once at each batch size it will see up to max_batch (with a device thread: 1, 2, 4, ... its
+        power of two; else 1), so that no request pays for the first call's choices."""
+        size = self.spec.input_size
+        top = bucket(max_batch) if self._device_thread is not None else 1
+        b = 1
+        while b <= top:
+            self.logits(np.zeros((b, size, size, 3), dtype=np.uint8))
+            b *= 2
 
     def probabilities(self, arrays: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (softmax of logits / temperature)."""
@@ -223,7 +257,7 @@ class Predictor:
 
             if index is None and self.bias is not None:  # the adjusted answer, as predict gives it
                 index = int(self.logits(image[None])[0].argmax())
-            heat, c, _ = gradcam(self.model, image, self.spec.mean, self.spec.std, index)
+            heat, c, _ = self.on_device(gradcam, self.model, image, self.spec.mean, self.spec.std, index)
             return Explanation(image, heat, self.labels[c], c, "grad-cam")
         weight = self._head_weight()
         logits, features = self.session.run(["logits", "features"],

@@ -90,6 +90,11 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError)
 
 
+def bucket(n: int) -> int:
+    """The power of two at or above n (1 for n <= 1): the batch sizes a GPU server pads to (Predictor, CUDA)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def in_batches(n: int, batch_size: int, run: Callable[[int, int], None], log=None) -> int:
     """Call run(start, stop) over [0, n) in slices of batch_size; on a CUDA out-of-memory error the slice is retried
     at half the size (down to 1). Returns the batch size that worked, for the caller's next pass."""

@@ -132,8 +132,8 @@ class ImageClassifier:
             raise
         a = self.predictor.artifact
         self.model_info = {"name": a.spec.architecture, "version": a.version, "tag": str(self.model_ref.tag)}
-        size = a.spec.input_size
-        self.predictor.probabilities(np.zeros((1, size, size, 3), dtype=np.uint8))  # warm-up before /readyz
+        # before /readyz: on CUDA one call per padded batch size up to max_batch (Predictor.warm_up), else one call
+        self.predictor.warm_up(s.max_batch)
         self.batcher = Batcher(self.predictor.stacked_probabilities, max_batch=s.max_batch,
                                wait_ms=s.batch_wait_ms) if s.batching else None
         self.field_log = FieldLog.from_env()

@@ -12,7 +12,7 @@ import torch
 
 from models import Predictor, create_model, save_artifact
 from models.export import ensure_onnx
-from models.runtime import in_batches
+from models.runtime import bucket, in_batches
 
 
 def test_predictor_scores_are_calibrated_and_sorted(trained_run):
@@ -138,3 +138,34 @@ def test_evaluation_batches_halve_on_out_of_memory():
     assert in_batches(23, 32, run) == 4
     covered = [i for a, b in seen for i in range(a, b)]
     assert covered == list(range(23))  # every item once, in order
+
+
+def test_bucket_is_the_power_of_two_at_or_above():
+    assert [bucket(n) for n in (0, 1, 2, 3, 4, 5, 31, 32, 33)] == [1, 1, 2, 4, 4, 8, 32, 32, 64]
+
+
+def test_device_thread_runs_every_model_call_on_one_thread_in_padded_batches(trained_run):
+    """What a CUDA server does (forced here on the CPU): whichever thread asks, the model runs on the predictor's
+    own thread, at a power-of-two batch size, and the answers are those of the plain path."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain = Predictor(trained_run, backend="torch", device="cpu")
+    pred = Predictor(trained_run, backend="torch", device="cpu", device_thread=True)
+    seen: list[tuple[str, int]] = []
+    pred.model.register_forward_pre_hook(lambda m, a: seen.append((threading.current_thread().name, len(a[0]))))
+    pred.warm_up(5)
+    assert seen == [("pupil-device_0", 1), ("pupil-device_0", 2), ("pupil-device_0", 4), ("pupil-device_0", 8)]
+    rng = np.random.default_rng(0)
+    size = pred.spec.input_size
+    batch = rng.integers(0, 255, (7, size, size, 3), dtype=np.uint8)
+    for n in (1, 3, 5, 7):
+        np.testing.assert_allclose(pred.logits(batch[:n]), plain.logits(batch[:n]), atol=1e-5)
+    with ThreadPoolExecutor(4) as pool:
+        rows = list(pool.map(lambda i: pred.probabilities(batch[i:i + 1])[0], range(7)))
+    np.testing.assert_allclose(np.stack(rows), plain.probabilities(batch), atol=1e-5)
+    image = sorted((trained_run.parent / "data" / "red").iterdir())[0]
+    assert pred.explain(image).method == "grad-cam"
+    assert {name for name, _ in seen} == {"pupil-device_0"}
+    assert {b for _, b in seen} <= {1, 2, 4, 8}
+    assert plain._device_thread is None  # the CPU default: no thread, no padding

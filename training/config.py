@@ -31,8 +31,8 @@ class TrainConfig:
     img_size: int = opt(0, "input size in pixels (0: the model's default, 224 for efficientnet_lite0, 128 for "
                            "small_cnn)")
     batch_size: int = opt(0, "images per step per process (under torchrun the global batch is this times the "
-                             "number of processes), or auto (0): 32 on a CPU; on CUDA the largest power of two whose "
-                             "step fits (at least 32, at most a sixteenth of the training set), the learning rate "
+                             "number of processes), or auto (0): 32 on a CPU; on CUDA a power of two from the data (a "
+                             "sixteenth of the training set, 32 to 512), halved until a step fits, the learning rate "
                              "then scaled by sqrt(batch / 32) as timm scales it for adaptive optimizers; halved on "
                              "out-of-memory", or_word=("auto", 0))
     lr: float | str = opt(0.0, "peak learning rate, or auto (the LR range test's suggestion, as `pupil lr-find` "

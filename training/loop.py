@@ -135,23 +135,36 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup) -> dict[str, float
             "images_per_s": seen * dist.world / dt if dt else 0.0}
 
 
+SAME_SHAPE_DEVICES = ("cuda",)  # where predict_logits keeps to the training batch's shape
+
+
 @torch.inference_mode()
 def predict_logits(model, data: ImageSet, setup: TrainSetup, batch_size: int | None = None,
                    pre_logits: bool = False, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (or pooled features) of the centre crop, exactly the Predictor's geometry, for every image of a set.
-    Batches of 512 on a GPU (halved if memory runs out), 64 on a CPU."""
+    On a GPU in batches of the training batch size, the last one padded to it (halved, unpadded, if memory runs
+    out): cuDNN picks convolution plans once per input shape (seconds each on an H100, BENCHMARKS.md), and these
+    are the shapes the training steps already use. 64 on a CPU."""
     model.eval()
     spec, device = setup.spec, setup.device
-    batch_size = batch_size or (512 if device.type == "cuda" else 64)
+    pad = [device.type in SAME_SHAPE_DEVICES]
+    batch_size = batch_size or (setup.cfg.batch_size if pad[0] and setup.cfg.batch_size > 0 else 64)
     outs, ys = [], []
 
     def run(start: int, stop: int) -> None:
         x, y = data.batch(np.arange(start, stop))
         x = center(x, spec.input_size).to(device, non_blocking=True)
+        n = len(y)
+        if pad[0] and stop == len(data) and n < batch_size:
+            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
         x = normalize(transform(x) if transform is not None else x, spec.mean, spec.std)
-        with autocast(device, setup.amp):
-            out = model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
-        outs.append(out.float().cpu())
+        try:
+            with autocast(device, setup.amp):
+                out = model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
+        except torch.OutOfMemoryError:
+            pad[0] = False  # in_batches halves the batch; the padding must not undo that
+            raise
+        outs.append(out[:n].float().cpu())
         ys.append(y.cpu())
 
     in_batches(len(data), batch_size, run, log)

@@ -59,8 +59,8 @@ def start(cfg: TrainConfig) -> tuple[TrainSetup, Prepared]:
         if cfg.batch_size != 32 and cfg.lr != "auto":
             cfg.lr = float(cfg.lr) * math.sqrt(cfg.batch_size / 32)
             scaled = f"; learning rate {cfg.lr:.3g}, scaled by sqrt({cfg.batch_size}/32)"
-        log(f"batch size {cfg.batch_size} (auto: " + ("the largest power of two that fits on the GPU"
-                                                     if device.type == "cuda" else "the CPU default") + f"){scaled}")
+        log(f"batch size {cfg.batch_size} (auto: " + ("a sixteenth of the training set, 32-512, checked to fit on the "
+                                                     "GPU" if device.type == "cuda" else "the CPU default") + f"){scaled}")
     return setup, prep
 
 
