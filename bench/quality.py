@@ -10,6 +10,7 @@ Each row: test accuracy, balanced accuracy, macro-F1, ECE and the run's wall tim
 changes that split and the training's randomness, never the test split.
 
     python -m bench.quality [--tasks elpv-binary,...] [--seeds 0,1,2] [--sides default,probe,small_cnn] [--device cpu]
+                            [--reuse]
 """
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ def task_folder(task: str) -> Path:
     return make_task(task, WORK / task)
 
 
-def run(task: str, side: str, seed: int, device: str, extra: list[str]) -> dict:
+def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False) -> dict:
     data = task_folder(task)
     out = WORK / "runs" / f"{task}-{side}-s{seed}"
+    if reuse and (out / "metrics.json").is_file():
+        return figures(out, json.loads((out / "metrics.json").read_text())["wall_time_s"], reused=True)
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out), "--no-progress",
            "--device", device, *SIDES[side], *extra]
     t0 = time.perf_counter()
@@ -51,10 +54,15 @@ def run(task: str, side: str, seed: int, device: str, extra: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         return {"error": r.stderr[-800:]}
+    return figures(out, wall)
+
+
+def figures(out: Path, wall: float, reused: bool = False) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     t = m["test"]
     return {"accuracy": t["accuracy"], "balanced_accuracy": t["balanced_accuracy"], "macro_f1": t["macro_f1"],
-            "ece": t["ece"], "wall_s": wall, "best_epoch": m["best_epoch"], "val_accuracy": m["val"]["accuracy"]}
+            "ece": t["ece"], "wall_s": wall, "best_epoch": m["best_epoch"], "val_accuracy": m["val"]["accuracy"],
+            "seed": m.get("reproducibility", {}).get("seed"), "reused": reused}
 
 
 def main() -> None:
@@ -65,6 +73,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--extra", default="", help="more `pupil train` flags for every run (a recipe under study)")
     ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a run's figures from its folder where it already finished (its wall time is then the "
+                         "run's own, without the process start), so seeds can be added one session at a time")
     args = ap.parse_args()
     from bench.common import header
 
@@ -72,7 +83,7 @@ def main() -> None:
     rows = []
     for task in args.tasks.split(","):
         for side in args.sides.split(","):
-            runs = [run(task, side, int(s), args.device, args.extra.split()) for s in args.seeds.split(",")]
+            runs = [run(task, side, int(s), args.device, args.extra.split(), args.reuse) for s in args.seeds.split(",")]
             ok = [r for r in runs if "error" not in r]
             if not ok:
                 print(f"{task:<16}{side:<11} failed: {runs[0]['error'][-300:]}", flush=True)
@@ -85,7 +96,7 @@ def main() -> None:
 
             line = (f"{task:<16}{side:<11}{len(ok):>3}  acc {stat('accuracy')}  bal.acc {stat('balanced_accuracy')}  "
                     f"macro-F1 {stat('macro_f1')}  ECE {stat('ece')}  wall {statistics.mean(r['wall_s'] for r in ok):6.0f} s"
-                    f"  (best epochs {[r['best_epoch'] for r in ok]})")
+                    f"  (best epochs {[r['best_epoch'] for r in ok]}, accuracies {[round(r['accuracy'], 3) for r in ok]})")
             print(line, flush=True)
             rows.append({"task": task, "side": side, "runs": runs})
     if args.json:
