@@ -322,9 +322,13 @@ def tests_on_cuda() -> dict:
              "tests/test_probe.py", "tests/test_augment.py", "tests/test_state.py", "tests/test_tuning.py"]
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "tests_on_cuda.log"  # written as it runs: a call's time limit still leaves what ran, and how long
+    import importlib.util
+
+    per_test = ["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else []  # a hang fails one test
     with open(log, "w") as f:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                            "-m", "not slow", "-n", "6", "--dist", "loadfile", "--durations", "15", *files],
+                            "-m", "not slow", "-n", "6", "--dist", "loadfile", "--durations", "15", *per_test,
+                            *files],
                            stdout=f, stderr=subprocess.STDOUT, text=True, timeout=300, cwd=ROOT)
     tail = log.read_text().strip().splitlines()
     failed = [ln for ln in tail if ln.startswith("FAILED") or ln.startswith("ERROR")]
