@@ -17,6 +17,7 @@ repository, not ours). Each step has its own try, so one failure leaves the othe
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -322,8 +323,6 @@ def tests_on_cuda() -> dict:
              "tests/test_probe.py", "tests/test_augment.py", "tests/test_state.py", "tests/test_tuning.py"]
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "tests_on_cuda.log"  # written as it runs: a call's time limit still leaves what ran, and how long
-    import importlib.util
-
     per_test = ["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else []  # a hang fails one test
     with open(log, "w") as f:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
