@@ -16,12 +16,12 @@ def _run(tmp_path, tiny_config, monkeypatch, name: str, same_shape: bool) -> tup
         sizes.append(len(x))
         return real(x, mean, std)
 
-    monkeypatch.setattr(loop, "normalize", spy)
-    if same_shape:  # what CUDA does, forced on the CPU
-        monkeypatch.setattr(loop, "SAME_SHAPE_DEVICES", ("cuda", "cpu"))
-    data = make_shapes_folder(tmp_path / "data", n=23)  # 46 images: 37 train / 9 validation, no multiple of 8
-    r = fit(tiny_config(data, model="efficientnet_lite0", epochs=2, patience=0, out=str(tmp_path / name), **CPU))
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(loop, "normalize", spy)
+        if same_shape:  # what CUDA does, forced on the CPU
+            m.setattr(loop, "SAME_SHAPE_DEVICES", ("cuda", "cpu"))
+        data = make_shapes_folder(tmp_path / "data", n=23)  # 46 images: 36 train / 10 validation, no multiple of 8
+        r = fit(tiny_config(data, model="efficientnet_lite0", epochs=2, patience=0, out=str(tmp_path / name), **CPU))
     return r.metrics, sizes
 
 
