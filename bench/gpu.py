@@ -167,6 +167,7 @@ def compile_throughput() -> dict:
 def train_throughput(variants: list[tuple[str, bool]], peers: bool) -> dict:
     import torch
 
+    import training.fit as fitmod
     from training import loop
     from training.config import TrainConfig
     from training.fit import fit
@@ -187,8 +188,6 @@ def train_throughput(variants: list[tuple[str, bool]], peers: bool) -> dict:
             return r
 
         loop.train_one_epoch = timed
-        import training.fit as fitmod
-
         fitmod.train_one_epoch = timed
         try:
             with Utilisation() as u:

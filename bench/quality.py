@@ -43,10 +43,10 @@ def task_folder(task: str) -> Path:
 
 
 def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False) -> dict:
-    data = task_folder(task)
     out = WORK / "runs" / f"{task}-{side}-s{seed}"
     if reuse and (out / "metrics.json").is_file():
         return figures(out, json.loads((out / "metrics.json").read_text())["wall_time_s"], reused=True)
+    data = task_folder(task)
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out), "--no-progress",
            "--device", device, *SIDES[side], *extra]
     t0 = time.perf_counter()

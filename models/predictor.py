@@ -128,11 +128,11 @@ class Predictor:
         if self.session is not None:
             x = normalize(batch, self.spec.mean, self.spec.std)
             return self.session.run(["logits"], {"input": x})[0].astype(np.float32)
-        n = len(batch)
         if self._device_thread is None:
             return self._forward(batch)
-        if bucket(n) > n:
-            batch = np.concatenate([batch, np.zeros((bucket(n) - n, *batch.shape[1:]), batch.dtype)])
+        n, size = len(batch), bucket(len(batch))
+        if size > n:
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
         return self.on_device(self._forward, batch)[:n]
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
