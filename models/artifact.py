@@ -157,7 +157,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     cfg_path = directory / CONFIG
     if not directory.is_dir():
-        raise ArtifactError(f"artifact directory not found: {directory}")
+        raise ArtifactError(f"artifact directory not found: {directory} (give a run folder such as runs/NAME, or its "
+                            "model/ folder, as `pupil train` wrote it)")
     if not cfg_path.is_file():
         raise ArtifactError(f"artifact is missing {cfg_path}")
     try:

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="pupil", description="Fine-tune an ImageNet CNN on a folder of images, "
                                 "report honestly, serve it with BentoML.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("check", help="scan a data folder: classes, split counts, problem files; exit 2 if not "
@@ -156,8 +157,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_error(e: BaseException) -> bool:
+    """An error in what the user gave (a folder, a file, an artifact, an option), not in pupil: exit 2."""
+    from models.artifact import ArtifactError
+
+    known = (ArtifactError, OSError, ValueError, LookupError)
+    # training's DataError, the weights' PretrainedError and export's ExportError (looked up only where their modules
+    # are loaded already: no torch import for a command that never needed it), yaml's and safetensors' errors on a
+    # damaged file
+    extra = tuple(getattr(sys.modules[m], n) for m, n in (("training.prepare", "DataError"),
+                                                         ("models.pretrained", "PretrainedError"),
+                                                         ("models.export", "ExportError")) if m in sys.modules)
+    return isinstance(e, known + extra) or type(e).__module__.split(".")[0] in ("yaml", "safetensors") or \
+        type(e).__name__ in ("SafetensorError", "HeaderTooLarge")
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the command, and be the one place errors become messages: a bad option, folder, file or artifact
+    is one line on stderr that names it, and exit status 2; anything else is a bug, one line and status 1. Never a
+    traceback, unless --debug asks for one."""
     if argv is None:
         ensure_allocator_env()
-    args = build_parser().parse_args(bare_flags(sys.argv[1:] if argv is None else argv))
-    return int(args.func(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(bare_flags(argv))
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"pupil {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        if user_error(e):
+            print(f"pupil {args.command}: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"pupil {args.command}: internal error, {type(e).__name__}: {one_line(e)} (run again with --debug for "
+              "the traceback, and please report it)", file=sys.stderr)
+        return 1

@@ -15,35 +15,27 @@ from models.runtime import ALLOCATOR_ENV
 
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from --config (or, with --resume, the run's own config.yaml), then the flags given."""
-    from training.config import TrainConfig
+    from training.config import TrainConfig, with_preset
 
     config_file = args.config
     if not config_file and getattr(args, "resume", None) and args.out and (Path(args.out) / "config.yaml").is_file():
         config_file = str(Path(args.out) / "config.yaml")  # resume with the run's own settings
-    base = TrainConfig.from_file(config_file) if config_file else TrainConfig()
-    updates = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-               if f.name != "data" and getattr(args, f.name, None) is not None}
-    return TrainConfig(**{**base.__dict__, **updates, "data": args.data or base.data})
+    given = TrainConfig.read_file(config_file) if config_file else {}
+    given.update({f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                  if f.name != "data" and getattr(args, f.name, None) is not None})
+    return TrainConfig(**{**with_preset(given), "data": args.data or given.get("data", "")})
 
 
-def _training_errors():
-    from models.pretrained import PretrainedError
-    from training.prepare import DataError
-
-    return (DataError, FileNotFoundError, ValueError, PretrainedError)
+class UsageError(ValueError):
+    """The command line cannot be carried out as given; the message says what to give instead (exit 2)."""
 
 
 def _with_config(args: argparse.Namespace, command: str, job):
-    """(exit code, result): `job` run on the TrainConfig of the arguments, or 2 with the one-line reason."""
+    """(0, result): `job` run on the TrainConfig of the arguments. Errors go to the CLI's one handler (cli.main)."""
     cfg = config_from_args(args)
     if not cfg.data:
-        print(f"pupil {command}: give a DATA folder (or a --config that names one)", file=sys.stderr)
-        return 2, None
-    try:
-        return 0, job(cfg)
-    except _training_errors() as e:
-        print(f"pupil {command}: {e}", file=sys.stderr)
-        return 2, None
+        raise UsageError("give a DATA folder (or a --config that names one)")
+    return 0, job(cfg)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -123,11 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     art = locate(args.artifact)
     out = Path(args.out) if args.out else (art.parent / f"eval-{Path(args.data).resolve().name}")
-    try:
-        r = evaluate_folder(art, args.data, out, device=args.device, tta=args.tta)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pupil evaluate: {e}", file=sys.stderr)
-        return 2
+    r = evaluate_folder(art, args.data, out, device=args.device, tta=args.tta)
     m = r["metrics"]
     print(f"{m['n']} images ({r['split']}): accuracy {m['accuracy']:.4f}, balanced accuracy "
           f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}, "
@@ -139,25 +127,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
-    from models.artifact import ArtifactError, load_artifact, locate, read_artifact
+    from models.artifact import load_artifact, locate, read_artifact
 
     art_dir = locate(args.artifact)
-    try:
-        read_artifact(art_dir)  # a damaged artifact is refused, by name, before torch is even imported
-        from models.export import TORCHSCRIPT, ensure_onnx, export_torchscript
+    read_artifact(art_dir)  # a damaged artifact is refused, by name, before torch is even imported
+    from models.export import TORCHSCRIPT, ensure_onnx, export_torchscript
 
-        if args.format == "onnx":
-            path = ensure_onnx(art_dir)
-            diff = read_artifact(art_dir).info["onnx"]["parity_max_abs"]
-            if args.out:
-                shutil.copy2(path, args.out)
-                path = Path(args.out)
-        else:
-            path = Path(args.out) if args.out else art_dir / TORCHSCRIPT
-            diff = export_torchscript(load_artifact(art_dir), path)
-    except (ArtifactError, RuntimeError) as e:  # models.export.ExportError is a RuntimeError
-        print(f"pupil export: {e}", file=sys.stderr)
-        return 1
+    if args.format == "onnx":
+        path = ensure_onnx(art_dir)
+        diff = read_artifact(art_dir).info["onnx"]["parity_max_abs"]
+        if args.out:
+            shutil.copy2(path, args.out)
+            path = Path(args.out)
+    else:
+        path = Path(args.out) if args.out else art_dir / TORCHSCRIPT
+        diff = export_torchscript(load_artifact(art_dir), path)
     print(json.dumps({"format": args.format, "path": str(path), "max_abs_diff_vs_torch": diff}))
     return 0
 
@@ -196,12 +180,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from .verify import TOLERANCE, verify
 
-    try:
-        ok, report = verify(locate(args.artifact), [Path(p) for p in args.images] or None, serve=not args.no_serve,
-                            url=args.url, log=lambda m: print(m, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pupil verify: {e}", file=sys.stderr)
-        return 2
+    ok, report = verify(locate(args.artifact), [Path(p) for p in args.images] or None, serve=not args.no_serve,
+                        url=args.url, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"ok": ok, **report}))
     if ok:
         legs = "" if args.no_serve and not args.url else f" and {'the service at ' + args.url if args.url else 'a live service'}"

@@ -42,7 +42,7 @@ def test_pupil_export_onnx_and_torchscript_from_the_command_line(trained_run, tm
 
     (run / "model" / "model.safetensors").write_bytes(b"damaged")
     r = subprocess.run([sys.executable, "-m", "pupil", "export", str(run)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "model.safetensors" in r.stderr
+    assert r.returncode == 2 and "model.safetensors" in r.stderr
 
 
 def test_cam_head_is_recorded_only_for_a_pool_plus_linear_head():

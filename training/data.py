@@ -159,7 +159,8 @@ def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
+        raise FileNotFoundError(f"data folder not found: {root} (give a folder with one sub-folder of images per "
+                                f"class, or train/ and val/ splits of them)")
     top = _class_dirs(root)
     names = {p.name.lower() for p in top}
     presplit = "train" in names and bool(names & (set(SPLIT_FOLDERS) - {"train"}))
