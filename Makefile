@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup clean container container-test constraints
+.PHONY: demo test setup clean container container-test constraints browser
 
 setup: $(STAMP)
 
@@ -23,8 +23,14 @@ demo: $(STAMP)
 	$(BIN)/pupil demo
 
 # Two workers (this machine has two cores); a test file runs whole on one worker, so its module fixtures start once.
-test: $(STAMP)
+test: $(STAMP) browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# The report and web-page tests drive Debian's Chromium through Playwright (never `playwright install`: offline).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # The service as a container image, without a Docker daemon (buildah; see README "Deploy"). ARTIFACT defaults to
 # the demo's model (trained by `make demo` when missing).

@@ -1,8 +1,9 @@
 """The report: one self-contained HTML page (every image embedded) plus each plot as a PNG beside it.
 
 It answers a user's first questions without them writing a line: how good is it really (metrics on the validation
-split, and on an untouched test split when the data has one), where does it fail (per-class table, confusion matrix, the most confidently wrong images), can I trust its
-confidence (reliability before/after temperature scaling), and what is it looking at (Grad-CAM overlays).
+split, and on an untouched test split when the data has one), where does it fail (per-class table, confusion
+matrix, the most confidently wrong images), can I trust its confidence (reliability before/after temperature
+scaling), and what is it looking at (Grad-CAM overlays).
 """
 from __future__ import annotations
 
