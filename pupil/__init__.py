@@ -51,11 +51,12 @@ class Run:
 
 def train(data: str | Path, **options: Any) -> Run:
     """Fine-tune on `data` (one sub-folder per class, or train/ val/ test/ splits); options are TrainConfig's
-    fields (`pupil train --help` lists them), e.g. model="small_cnn", epochs=5, out="runs/x"."""
-    from training.config import TrainConfig
+    fields (`pupil train --help` lists them), e.g. model="small_cnn", epochs=5, out="runs/x", preset="fast"
+    (a preset's values go under the options given)."""
+    from training.config import TrainConfig, with_preset
     from training.fit import fit
 
-    result = fit(TrainConfig(data=str(data), **options))
+    result = fit(TrainConfig(**with_preset({**options, "data": str(data)})))
     return Run(result.run_dir, result.metrics)
 
 

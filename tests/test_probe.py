@@ -44,10 +44,38 @@ def _blobs(root, n=30, size=40, seed=0):
     return root
 
 
-def test_flips_auto_turns_images_where_nothing_has_an_up(tmp_path, tiny_config):
-    r = fit(tiny_config(_blobs(tmp_path / "blobs"), model="efficientnet_lite0", img_size=32, epochs=1,
-                        flips="auto"))
-    assert r.metrics["probe"]["flips"]["chose"] == "d8" and r.metrics["flips"] == "d8", r.metrics["probe"]["flips"]
+def _glyphs(root, n=100, size=40, seed=0):
+    """An L or a T, small, anywhere, in any of the 8 orientations of the square: nothing here has an up."""
+    rng = np.random.default_rng(seed)
+    for label in ("ell", "tee"):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            g = np.zeros((12, 12), bool)
+            if label == "ell":
+                g[:, :3], g[-3:, :] = True, True
+            else:
+                g[:3, :], g[:, 5:8] = True, True
+            g = np.rot90(g, int(rng.integers(4)))
+            g = g.T if rng.random() < 0.5 else g
+            a = rng.integers(90, 150, (size, size, 3)).astype(np.uint8)
+            y, x = rng.integers(2, size - 14, 2)
+            a[y:y + 12, x:x + 12][g] = 240
+            Image.fromarray(a).save(root / label / f"{i}.png")
+    return root
+
+
+def test_flips_auto_turns_images_only_where_the_evidence_says_nothing_has_an_up(tmp_path, tiny_config):
+    # 12 validation images cannot show that turning helps: the burden of proof is on turning, so h
+    small = fit(tiny_config(_blobs(tmp_path / "blobs"), model="efficientnet_lite0", img_size=32, epochs=0,
+                            flips="auto"))
+    d = small.metrics["probe"]["flips"]
+    assert d["chose"] == "h" and d["val_loss_upright"] - d["val_loss_with_turned"] < d["se"], d
+    # with enough validation images the turned copies measurably help, and d8 is chosen
+    big = fit(tiny_config(_glyphs(tmp_path / "glyphs", n=200), model="efficientnet_lite0", img_size=32, epochs=0,
+                          flips="auto", val_split=0.75, out=str(tmp_path / "run2")))
+    d = big.metrics["probe"]["flips"]
+    assert d["chose"] == "d8" and big.metrics["flips"] == "d8", d
+    assert d["val_loss_upright"] - d["val_loss_with_turned"] > d["se"]
 
 
 def test_flips_auto_without_a_probe_is_mirror_images_only(shapes_dir, tiny_config):

@@ -14,34 +14,54 @@ from models.preprocess import center, normalize
 from .data import ImageSet
 
 
+# the mild affine of --crop affine: zoom, rotation (degrees) and shift (fraction of the side), each uniform in +-
+AFFINE_ZOOM, AFFINE_DEGREES, AFFINE_SHIFT = 0.1, 10.0, 0.05
+
+
 def random_resized_crop_flip(
     x: torch.Tensor, out_size: int, *, scale: tuple[float, float] = (0.35, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3), flips: str = "h", generator: torch.Generator | None = None,
+    crop: str = "rrc",
 ) -> torch.Tensor:
-    """RandomResizedCrop plus flips for a whole float NCHW batch at once (one affine grid_sample).
+    """RandomResizedCrop (crop "rrc") or a mild affine of the whole frame (crop "affine"), plus flips, for a whole
+    float NCHW batch at once (one affine grid_sample).
 
-    scale (1, 1) with flips "none" is no augmentation at all: the centre crop, as at evaluation.
+    rrc: scale (1, 1) with flips "none" is no augmentation at all: the centre crop, as at evaluation.
+    affine: the evaluation's view (its centre crop of the square; with --eval-crop 1 the whole image) zoomed by
+    1 +- 0.1, turned by +-10 degrees and shifted by +-5 % of the side, the border filled by reflection: every part of
+    the image stays in view (Deitsch et al. 2019 trained ELPV this way; a 35 % crop often cuts away the crack that is the label).
     flips: "h" mirrors left-right half the time; "hv" also top-bottom; "d8" also transposes (with both flips, the
     8 symmetries of a square: every 90-degree rotation and its mirror image)."""
     n = x.shape[0]
-    if scale[0] >= 1.0 and flips == "none":
+    if crop == "rrc" and scale[0] >= 1.0 and flips == "none":
         return center(x.permute(0, 2, 3, 1), out_size).permute(0, 3, 1, 2)
     g = generator
-    area = torch.empty(n).uniform_(*scale, generator=g)
-    logr = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=g)
-    r = torch.exp(logr)
-    w = torch.sqrt(area * r).clamp(max=1.0)
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if flips != "none" else torch.ones(n)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
+    if crop == "affine":
+        side = min(1.0, out_size / x.shape[-1])  # the evaluation's view: its centre crop of the cached square
+        zoom = side / (1 + (torch.rand(n, generator=g) * 2 - 1) * AFFINE_ZOOM)
+        angle = (torch.rand(n, generator=g) * 2 - 1) * (AFFINE_DEGREES * np.pi / 180)
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * AFFINE_SHIFT)
+        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        theta[:, :, 2] = shift
+        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if flips != "none" else torch.ones(n)
+        theta[:, :, 0] *= flip[:, None]
+    else:
+        area = torch.empty(n).uniform_(*scale, generator=g)
+        logr = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=g)
+        r = torch.exp(logr)
+        w = torch.sqrt(area * r).clamp(max=1.0)
+        h = torch.sqrt(area / r).clamp(max=1.0)
+        cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)
+        cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
+        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if flips != "none" else torch.ones(n)
+        theta[:, 0, 0] = w * flip
+        theta[:, 0, 2] = cx
+        theta[:, 1, 1] = h
+        theta[:, 1, 2] = cy
     if flips in ("hv", "d8"):
-        theta[:, 1, 1] *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        theta[:, :, 1] *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)[:, None]
     if flips == "d8":  # swap the output axes for half the images: a transpose, which with the flips gives rot90s
         swap = torch.rand(n, generator=g) < 0.5
         theta[swap] = theta[swap][:, :, [1, 0, 2]]
@@ -75,14 +95,15 @@ def augment_policy(x: torch.Tensor, policy, gen: torch.Generator) -> torch.Tenso
 
 
 def training_batch(data: ImageSet, idx: np.ndarray, spec, device: torch.device, policy, gen: torch.Generator,
-                   crop_scale: float = 0.35, flips: str = "h") -> tuple[torch.Tensor, torch.Tensor]:
+                   crop_scale: float = 0.35, flips: str = "h", crop: str = "rrc") -> tuple[torch.Tensor, torch.Tensor]:
     """Images idx of the set, augmented on the device (policy, random-resized crop, flips) and normalised."""
     x, y = data.batch(idx)
     pin = device.type == "cuda" and not x.is_cuda
     x = (x.pin_memory() if pin else x).to(device, non_blocking=True).permute(0, 3, 1, 2)
     if policy is not None:
         x = augment_policy(x, policy, gen)
-    x = random_resized_crop_flip(x.float(), spec.input_size, scale=(crop_scale, 1.0), flips=flips, generator=gen)
+    x = random_resized_crop_flip(x.float(), spec.input_size, scale=(crop_scale, 1.0), flips=flips, generator=gen,
+                                 crop=crop)
     x = normalize(x.permute(0, 2, 3, 1).clamp_(0, 255), spec.mean, spec.std)
     y = (y.pin_memory() if pin else y).to(device, non_blocking=True)
     return x, y

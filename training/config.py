@@ -18,9 +18,30 @@ def opt(default: Any, help: str, **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
 
 
+# --preset: settings a preset gives the fields the user left unset (flags and a --config file win over it).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"stages": "probe"},  # the linear probe on cached features: about a minute on 2 cores for 2,000 images
+    "default": {},
+    # up to an hour on 2 CPU cores: the larger bundled backbone at its own 260 px, a longer schedule fitted to the
+    # hour (--time-limit shortens the cosine after the first epoch, it does not cut it off)
+    "best": {"model": "efficientnet_lite2", "epochs": 30, "patience": 10, "time_limit": 60.0},
+}
+
+
+def with_preset(settings: dict[str, Any]) -> dict[str, Any]:
+    """settings (the fields given, by flag, file or keyword) over their preset's values."""
+    name = settings.get("preset") or "default"
+    if name not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, not {name!r}")
+    return {**PRESETS[name], **settings}
+
+
 @dataclass
 class TrainConfig:
     data: str = opt("", "folder with one sub-folder of images per class, or train/ val/ (test/) splits of them")
+    preset: str = opt("default", "fast (the linear probe only: about a minute) | default | best (efficientnet_lite2 "
+                                 "at 260 px, 30 epochs fitted to a 60-minute --time-limit); flags you give win",
+                      choices=tuple(PRESETS))
     model: str = opt("efficientnet_lite0", "timm architecture name, or small_cnn for the from-scratch baseline")
     pretrained: str = opt("auto", "auto (bundled weights when a package ships them, else the hub) | none | hub | "
                                   "PATH to .safetensors/.pth")
@@ -46,8 +67,17 @@ class TrainConfig:
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
     mixup: float = opt(0.0, "mixup alpha: Beta(a, a) mixing of image pairs (0: off)")
     cutmix: float = opt(0.0, "cutmix alpha (0: off); with --mixup too, one of the two per batch")
+    crop: str = opt("rrc", "training crop: rrc (random-resized crop down to --crop-scale of the area) | affine (the "
+                           "full frame under a mild random affine: zoom 0.9-1.1, rotation +-10 degrees, shift +-5 per "
+                           "cent, so nothing at the border is cut away)", choices=("rrc", "affine"))
     crop_scale: float = opt(0.35, "smallest area of the random-resized crop, as a fraction of the image (1 with "
                                   "--flips none: no augmentation, the centre crop as at evaluation)")
+    eval_crop: float = opt(0.0, "the centre crop at evaluation and serving, as a fraction of the resized image's side "
+                                "(1: the full frame; 0: the model's own, 0.875 for efficientnet_lite0)")
+    backbone_lr: float = opt(0.1, "the pretrained backbone's learning rate as a fraction of --lr (the new head "
+                                  "learns at --lr)")
+    freeze_stages: int = opt(0, "pretrained models: keep the stem and the first N stages fixed (no gradient, less "
+                                "backward work; 0: train every layer)")
     flips: str = opt("auto", "auto: decided on validation by the probe (d8 if turning the training images "
                              "does not hurt its validation loss, else h; h without a probe) | h: horizontal flips | "
                              "hv: also vertical | d8: also 90-degree rotations (all 8 symmetries of a square; for "
@@ -65,7 +95,9 @@ class TrainConfig:
                                "(logit adjustment after training: the classes' log-priors subtracted, scaled by a "
                                "factor chosen on validation for macro-F1) | sampler (class-balanced sampling) | "
                                "loss (class-weighted) | none", choices=("auto", "posthoc", "sampler", "loss", "none"))
-    amp: str = opt("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16",
+    amp: str = opt("auto", "auto (bf16/fp16 on CUDA; on a CPU with bf16 instructions bf16 for the training steps, "
+                           "the probe's features and each epoch's validation, fp32 for the final calibration and test, "
+                           "as served) | off | bf16 | fp16",
                    choices=("auto", "off", "bf16", "fp16"))
     freeze_bn: bool = opt(True, "pretrained models: keep BatchNorm running statistics fixed while fine-tuning")
     compile: bool = opt(False, "torch.compile the model. Off by default, as measured (BENCHMARKS.md): on an H200, "
@@ -96,6 +128,12 @@ class TrainConfig:
             c.lr = 3e-3 if self.from_scratch else 1e-3
         if not 0.0 <= c.ema < 1.0:
             raise ValueError(f"--ema is a decay in [0, 1), e.g. 0.999, not {c.ema}")
+        if not (0.0 < c.eval_crop <= 1.0 or c.eval_crop == 0.0):
+            raise ValueError(f"--eval-crop is a fraction in (0, 1] (or 0: the model's own), not {c.eval_crop}")
+        if not 0.0 <= c.backbone_lr <= 1.0:
+            raise ValueError(f"--backbone-lr is a fraction of --lr in [0, 1], not {c.backbone_lr}")
+        if c.freeze_stages < 0:
+            raise ValueError(f"--freeze-stages is a number of stages, 0 or more, not {c.freeze_stages}")
         if not 0.0 < c.crop_scale <= 1.0:
             raise ValueError(f"--crop-scale is an area fraction in (0, 1], not {c.crop_scale}")
         if self.from_scratch:
@@ -112,15 +150,22 @@ class TrainConfig:
         return self.model == "small_cnn" or self.pretrained == "none"
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """The settings a config.yaml gives (checked against the fields), as a dict."""
         import yaml
 
         raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not a mapping of settings")
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-        return cls(**raw)
+        return raw
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        return cls(**with_preset(cls.read_file(path)))
 
     def save(self, path: Path) -> None:
         import yaml

@@ -20,7 +20,7 @@ import platform
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from models import save_artifact
-from models.runtime import amp_name
+from models.runtime import amp_dtype, amp_name
 
 from .config import TrainConfig
 from .data import ImageSet, Manifest
@@ -39,6 +39,7 @@ from .prepare import DataError, Prepared, start
 from .metrics import choose_logit_bias, choose_threshold, evaluate_logits, fit_temperature
 from .probe import linear_probe
 from .report import confident_mistakes, write_report
+from .select import choose_kept, score_of
 from .state import TrainState, load_checkpoint, save_checkpoint
 from .tuning import lr_range_test, plot_lr_find
 
@@ -85,8 +86,7 @@ def fit(cfg: TrainConfig) -> RunResult:
     if finetunes(cfg):
         train_epochs(state, prep, setup, ckpt_path, t_start)
     phases["finetune_s"] = time.perf_counter() - t_start - sum(phases.values())
-    if state.best_state is not None:
-        prep.model.load_state_dict(state.best_state)
+    state.kept = choose_kept(state, prep, setup) if finetunes(cfg) else {"kept": "probe", "epoch": 0}
     return finish(state, prep, setup, run_dir, t_start, phases)
 
 
@@ -136,7 +136,7 @@ def new_state(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, probe:
                                                         else None)
     if cfg.compile:
         net = torch.compile(net)
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, not cfg.from_scratch))
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, not cfg.from_scratch, cfg.backbone_lr))
     spe = steps_per_epoch(len(train), cfg.batch_size * dist.world)
     shape = WarmupCosine(spe * cfg.epochs, int(cfg.warmup_epochs * spe))
     ema = None
@@ -211,12 +211,6 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
         writer.close()
 
 
-def score_of(row: dict[str, Any], setup: TrainSetup) -> tuple[float, float]:
-    """An epoch's validation score (accuracy, or macro-F1 on imbalanced data), ties broken by the lower loss; the
-    training loss where there is no validation split."""
-    return (row[setup.score_key], -row["val_loss"]) if "val_loss" in row else (0.0, -row["train_loss"])
-
-
 def rerun_smaller(state: TrainState, at_start: dict[str, Any], n_train: int, setup: TrainSetup) -> None:
     """An epoch ran out of GPU memory: back to the epoch's starting state (weights, optimizer, schedule, RNG streams),
     half the batch, the rest of the schedule re-spread over the new number of steps."""
@@ -258,6 +252,8 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
            phases: dict[str, float]) -> RunResult:
     """Calibrate and choose the abstention threshold on validation; then, once, the test split; write everything."""
     cfg, dist, model = setup.cfg, setup.dist, prep.model
+    # the numbers a user gets from the artifact: at serving's precision (fp32 on a CPU even where training ran bf16)
+    train_amp, setup = setup.amp, replace(setup, amp=amp_dtype(setup.device, cfg.amp))
     temperature, val, val_logits, bias, adjustment = 1.0, {}, None, None, {}
     if len(prep.val):
         val_logits, y = predict_logits(model, prep.val, setup)
@@ -294,6 +290,7 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
         "classes": prep.classes,
         "counts": {s: prep.manifest.counts(s) for s in ("train", "val", "test") if s != "test" or len(prep.test)},
         "best_epoch": state.best_epoch,
+        "kept": state.kept,
         "selected_by": setup.select_by,
         "balance": setup.balance,
         "flips": cfg.flips,
@@ -310,7 +307,7 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
         "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "data_fingerprint": prep.manifest.fingerprint(),
-        "reproducibility": _reproducibility(cfg, setup),
+        "reproducibility": _reproducibility(cfg, setup, train_amp),
     }
     artifact_dir = run_dir / "model"
     if dist.main:
@@ -371,7 +368,7 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-def _reproducibility(cfg: TrainConfig, setup: TrainSetup) -> dict[str, Any]:
+def _reproducibility(cfg: TrainConfig, setup: TrainSetup, train_amp) -> dict[str, Any]:
     import PIL
     import timm
 
@@ -380,7 +377,8 @@ def _reproducibility(cfg: TrainConfig, setup: TrainSetup) -> dict[str, Any]:
         "deterministic_on_cpu": setup.device.type == "cpu",
         "device": str(setup.device),
         "processes": setup.dist.world,
-        "amp": amp_name(setup.amp),
+        "amp": amp_name(train_amp),
+        "amp_final": amp_name(setup.amp),  # calibration, test and the artifact's metrics
         "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                      "pillow": PIL.__version__, "numpy": np.__version__},

@@ -45,9 +45,10 @@ class TrainSetup:
         return "val_macro_f1" if self.select_by == "macro_f1" else "val_acc"
 
 
-def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretrained: bool) -> list[dict]:
-    """Discriminative learning rates: the pretrained backbone learns at lr/10, the new head at lr.
-    No weight decay on norms and biases."""
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretrained: bool,
+                 backbone_lr: float = 0.1) -> list[dict]:
+    """Discriminative learning rates: the pretrained backbone learns at lr * backbone_lr, the new head at lr.
+    No weight decay on norms and biases; frozen parameters (--freeze-stages) are left out."""
     head_ids = {id(p) for p in model.get_classifier().parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
@@ -56,7 +57,7 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretrai
         groups.setdefault((id(p) in head_ids, p.ndim <= 1), []).append(p)
     out = []
     for (is_head, no_decay), params in sorted(groups.items()):
-        glr = lr if (is_head or not pretrained) else lr / 10
+        glr = lr if (is_head or not pretrained) else lr * backbone_lr
         out.append({"params": params, "lr": glr, "initial_lr": glr, "weight_decay": 0.0 if no_decay else weight_decay})
     return out
 
@@ -81,12 +82,15 @@ def steps_per_epoch(n_train: int, global_batch: int) -> int:
 
 def train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.train()
-    if cfg.freeze_bn and not cfg.from_scratch:
+    if cfg.from_scratch:
+        return
+    for m in model.modules():
         # Batch statistics of 32 images are noisy, and the probe's head was fitted to features normalised with the
         # running statistics: keep those (the affine weights still learn). Measured on ELPV: see BENCHMARKS.md.
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        # A norm whose weights are frozen (--freeze-stages) keeps its statistics whatever --freeze-bn says.
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+                cfg.freeze_bn or not any(p.requires_grad for p in m.parameters())):
+            m.eval()
 
 
 def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, opt, scaler) -> None:
@@ -112,7 +116,7 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup) -> dict[str, float
                disable=not (cfg.progress and dist.main), file=sys.stderr)
     for idx in bar:
         x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
-                              cfg.crop_scale, cfg.flips)
+                              cfg.crop_scale, cfg.flips, cfg.crop)
         x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, state.aug_gen)
         with autocast(device, setup.amp):
             logits = state.net(x)

@@ -61,9 +61,11 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
     present = support > 0
     nll = float(-np.log(np.clip(probs[np.arange(n), labels], 1e-12, 1.0)).mean()) if n else 0.0
+    correct = int((pred == labels).sum()) if n else 0
     return {
         "n": int(n),
-        "accuracy": float((pred == labels).mean()) if n else 0.0,
+        "accuracy": correct / n if n else 0.0,
+        "accuracy_ci95": wilson_interval(correct, n),
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
@@ -75,6 +77,38 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
         },
         "confusion_matrix": cm.tolist(),
     }
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score interval of a proportion (95 % for z = 1.96): honest near 0 and 1 and for small n, where
+    the normal approximation's p +- z*sqrt(p(1-p)/n) leaves [0, 1] or collapses to a point."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def per_image_scores(pred: np.ndarray, labels: np.ndarray, k: int, balanced: bool) -> np.ndarray:
+    """Each image's share of the score: 1/n if right (accuracy), or 1/(K * n_class) if right (balanced accuracy,
+    the macro-averaged recall), so that the scores of one model sum to its accuracy / balanced accuracy."""
+    right = (pred == labels).astype(np.float64)
+    if not balanced:
+        return right / max(len(labels), 1)
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    present = max(int((counts > 0).sum()), 1)
+    return right / (present * np.maximum(counts[labels], 1))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error) of the total score difference a - b of two models on the same images, where a and b
+    are per-image score shares (per_image_scores): the paired test's statistic and its noise, in score units."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    n = len(d)
+    if n < 2:
+        return float(d.sum()), 0.0
+    return float(d.sum()), float(d.std(ddof=1) * np.sqrt(n))
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> list[dict[str, float]]:

@@ -54,6 +54,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     probe: dict[str, Any] = field(default_factory=dict)
     lr_find: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, Any] = field(default_factory=dict)  # which candidate the run keeps, and why (fit.choose_kept)
 
     @property
     def judged(self) -> torch.nn.Module:

@@ -36,7 +36,7 @@ def lr_range_test(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, ba
     cfg, device, amp = setup.cfg, setup.device, setup.amp
     net = copy.deepcopy(model)
     # lr=1 gives each group its ratio to the peak rate (head 1, pretrained backbone 1/10)
-    opt = torch.optim.AdamW(param_groups(net, 1.0, cfg.weight_decay, not cfg.from_scratch))
+    opt = torch.optim.AdamW(param_groups(net, 1.0, cfg.weight_decay, not cfg.from_scratch, cfg.backbone_lr))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     order = torch.Generator().manual_seed(cfg.seed + 7)
     aug = torch.Generator().manual_seed(cfg.seed + 8)
@@ -53,7 +53,8 @@ def lr_range_test(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, ba
             lr = start * mult ** len(lrs)
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * lr
-            x, y = training_batch(train, idx, setup.spec, device, setup.policy, aug, cfg.crop_scale, cfg.flips)
+            x, y = training_batch(train, idx, setup.spec, device, setup.policy, aug, cfg.crop_scale, cfg.flips,
+                                  cfg.crop)
             with autocast(device, amp):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)

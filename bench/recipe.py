@@ -1,0 +1,160 @@
+"""The recipe study: candidate training recipes compared on VALIDATION data only, across tasks and seeds.
+
+Every run trains on DATA/train of a bench.quality task and nothing else: the test split is not in the folder pupil
+is pointed at, so no choice made here can have seen it. pupil splits its validation images off DATA/train with the
+run's seed, so each seed is its own validation split (and its own initialisation, order and augmentation).
+
+Each candidate is a set of `pupil train` flags. "today" spells out the defaults before this study (random-resized
+crops down to 35 % of the area, the centre 0.875 at evaluation, the backbone at lr/10, every layer trained, fp32);
+the choice rules of the code under test (the kept model, --flips auto) apply to every candidate alike.
+
+Per run: the kept model's validation accuracy, balanced accuracy and macro-F1, the validation images' per-image
+correctness is not stored, so the paired difference is over seeds: for each (task, seed) the candidate's accuracy
+minus today's on the same validation split, then the mean of those differences and its standard error
+(sd / sqrt(number of pairs)). One line per finished run goes to the results file as it ends (JSON lines), so a stop
+loses nothing and a second invocation skips what is done.
+
+    python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
+                           [--candidates today,new,...] [--results FILE] [--table]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.quality import ROOT, WORK, task_folder
+
+TODAY = ["--crop", "rrc", "--crop-scale", "0.35", "--eval-crop", "0.875", "--backbone-lr", "0.1",
+         "--freeze-stages", "0", "--amp", "off", "--epochs", "10", "--label-smoothing", "0.1"]
+NEW = ["--crop", "affine", "--eval-crop", "1", "--backbone-lr", "0.3", "--freeze-stages", "2", "--amp", "auto",
+       "--epochs", "10", "--label-smoothing", "0.1"]
+
+
+def variant(base: list[str], **changes: str) -> list[str]:
+    """base with some flags' values changed (flag names without the dashes, underscores for dashes)."""
+    out = list(base)
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
+CANDIDATES: dict[str, list[str]] = {
+    "today": TODAY,
+    "new": NEW,
+    # one change at a time away from "new", to see which part carries the difference
+    "new-rrc": variant(NEW, crop="rrc", crop_scale="0.35"),
+    "new-crop0.875": variant(NEW, eval_crop="0.875"),
+    "new-blr0.1": variant(NEW, backbone_lr="0.1"),
+    "new-blr1": variant(NEW, backbone_lr="1"),
+    "new-freeze0": variant(NEW, freeze_stages="0"),
+    "new-freeze4": variant(NEW, freeze_stages="4"),
+    "new-ls0": variant(NEW, label_smoothing="0"),
+    "new-e20": variant(NEW, epochs="20"),
+    "new-ema": NEW + ["--ema", "0.999"],
+    "new-lite2": NEW + ["--model", "efficientnet_lite2"],
+    "new-fp32": variant(NEW, amp="off"),
+    "probe": ["--stages", "probe", "--eval-crop", "1"],
+    "probe-0.875": ["--stages", "probe", "--eval-crop", "0.875"],
+}
+DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
+
+
+def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a stop mid-write
+            out[(r["task"], r["candidate"], r["seed"])] = r
+    return out
+
+
+def run_one(task: str, candidate: str, seed: int) -> dict:
+    data = task_folder(task) / "train"
+    out = WORK / "recipe-runs" / f"{task}-{candidate}-s{seed}"
+    cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out),
+           "--no-progress", "--device", "cpu", *CANDIDATES[candidate]]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    row = {"task": task, "candidate": candidate, "seed": seed, "wall_s": time.perf_counter() - t0,
+           "flags": CANDIDATES[candidate], "finished": time.strftime("%Y-%m-%d %H:%M")}
+    if r.returncode != 0:
+        return {**row, "error": r.stderr[-600:]}
+    m = json.loads((out / "metrics.json").read_text())
+    v = m["val"]
+    return {**row, "val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
+            "val_macro_f1": v["macro_f1"], "val_n": v["n"], "kept": m.get("kept"), "flips": m.get("flips"),
+            "epochs_run": m["epochs_run"], "train_images_per_s": m["train_images_per_s"]}
+
+
+def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") -> str:
+    """mean +- sd over seeds per task and candidate, and the paired difference against today's on the same
+    validation splits (mean +- standard error over the pairs)."""
+    tasks = sorted({t for t, _, _ in rows}, key=lambda t: list(rows).index(next(k for k in rows if k[0] == t)))
+    cands = [c for c in CANDIDATES if any(k[1] == c for k in rows)]
+    lines = [f"| task | candidate | seeds | validation {metric.removeprefix('val_')} (mean ± sd) | minus today "
+             "(paired, mean ± se) | wall s (mean) |", "| --- | --- | --- | --- | --- | --- |"]
+    for task in tasks:
+        for c in cands:
+            ok = {s: r for (t, cc, s), r in rows.items() if t == task and cc == c and metric in r}
+            if not ok:
+                continue
+            vals = [r[metric] for r in ok.values()]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            pairs = [r[metric] - rows[(task, "today", s)][metric] for s, r in ok.items()
+                     if c != "today" and metric in rows.get((task, "today", s), {})]
+            if pairs:
+                se = statistics.stdev(pairs) / math.sqrt(len(pairs)) if len(pairs) > 1 else float("nan")
+                diff = f"{100 * statistics.mean(pairs):+.1f} ± {100 * se:.1f} pts ({len(pairs)} pairs)"
+            else:
+                diff = ""
+            wall = statistics.mean(r["wall_s"] for r in ok.values())
+            lines.append(f"| {task} | {c} | {len(ok)} | {statistics.mean(vals):.3f} ± {sd:.3f} | {diff} | "
+                         f"{wall:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="faces,digits,elpv-binary,elpv-fourclass,elpv-type")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--candidates", default="today,new")
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON lines, one per finished run (appended)")
+    ap.add_argument("--table", action="store_true", help="print the table of what the results file holds, run nothing")
+    ap.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_balanced_accuracy",
+                                                                 "val_macro_f1"))
+    args = ap.parse_args()
+    results = Path(args.results)
+    unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]
+    if unknown:
+        ap.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+    if not args.table:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        # seed-major: every task and candidate gets a first seed before any gets a second
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for cand in args.candidates.split(","):
+                    if (task, cand, seed) in done_runs(results):
+                        continue
+                    row = run_one(task, cand, seed)
+                    with results.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(json.dumps({k: row.get(k) for k in ("task", "candidate", "seed", "val_accuracy",
+                                                                "wall_s", "error")}), flush=True)
+    print(table(done_runs(results), args.metric))
+
+
+if __name__ == "__main__":
+    main()
