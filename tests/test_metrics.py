@@ -108,3 +108,24 @@ def test_logit_adjustment_moves_decisions_to_the_rare_class_only_when_it_pays():
     # a model that is already right: nothing to gain, tau stays 0
     perfect = torch.tensor(np.stack([5.0 * (y == 0), 5.0 * (y == 1)], 1), dtype=torch.float32)
     assert choose_logit_bias(perfect, torch.tensor(y), train_labels, 2)[1]["tau"] == 0.0
+
+
+def test_wilson_interval_matches_the_textbook_values_and_stays_inside_0_1():
+    from training.metrics import wilson_interval
+
+    assert wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)  # Wilson 1927 / Newcombe 1998
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+    assert wilson_interval(0, 0) == [0.0, 1.0]
+
+
+def test_paired_difference_of_two_models_on_the_same_images():
+    import numpy as np
+
+    from training.metrics import paired_difference, per_image_scores
+
+    y = np.array([0, 0, 0, 1])
+    a, b = per_image_scores(np.array([0, 0, 0, 1]), y, 2, False), per_image_scores(np.array([0, 1, 0, 0]), y, 2, False)
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(0.5) and se == pytest.approx(np.std([0, .25, 0, .25], ddof=1) * 2)
+    bal = per_image_scores(np.array([0, 0, 0, 1]), y, 2, True)
+    assert bal.sum() == pytest.approx(1.0) and bal[3] == pytest.approx(0.5)  # the lone class-1 image is half the score

@@ -21,6 +21,8 @@ def test_report_is_self_contained_and_renders_in_chromium(trained_run, tmp_path)
     assert {"accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "nll", "ece",
             "ece_uncalibrated", "nll_uncalibrated", "top_k_accuracy", "reliability", "temperature"} <= set(metrics["val"])
     assert "validation images" in text and "held-out" not in text
+    lo, hi = metrics["val"]["accuracy_ci95"]
+    assert lo <= metrics["val"]["accuracy"] <= hi and f"95 % interval {lo:.3f}-{hi:.3f}" in text
 
     from playwright.sync_api import sync_playwright
 

@@ -330,11 +330,15 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
                               config={**asdict(cfg), "probe": state.probe, "lr_find": out["lr_find"]},
                               data_summary={"counts": out["counts"], "skipped": out["skipped"]}, mistakes=mistakes)
         log(f"report: {report}")
-        log(f"best epoch {state.best_epoch}: validation " + ", ".join(
+        lo, hi = val.get("accuracy_ci95", (0.0, 1.0))
+        log(f"kept epoch {state.best_epoch}: validation " + ", ".join(
             f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
+            + (f" (accuracy's 95 % interval {lo:.3f}-{hi:.3f} over {len(prep.val)} images)" if val else "")
             + f"; temperature {temperature:.2f}; wrote {artifact_dir}")
         if test:  # last, so it is what a user reads: the one number nothing was tuned on
-            log(f"TEST ({test['n']} images, never used for any choice): accuracy {test['accuracy']:.3f}, balanced "
+            lo, hi = test["accuracy_ci95"]
+            log(f"TEST ({test['n']} images, never used for any choice): accuracy {test['accuracy']:.3f} (95 % interval "
+                f"{lo:.3f}-{hi:.3f}), balanced "
                 f"accuracy {test['balanced_accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, ECE {test['ece']:.3f}")
     dist.barrier()
     return RunResult(run_dir, artifact_dir, out, history)

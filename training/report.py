@@ -170,7 +170,10 @@ def _metric_cards(metrics: dict[str, Any]) -> str:
              ("macro F1", metrics.get("macro_f1")), ("ECE (calibrated)", metrics.get("ece")),
              ("ECE (raw)", metrics.get("ece_uncalibrated")), ("log loss", metrics.get("nll"))]
     cards += [(f"{k} accuracy", v) for k, v in metrics.get("top_k_accuracy", {}).items() if k != "top1"]
-    return "<div class=cards>" + "".join(f"<div class=card>{html.escape(k)}<b>{_fmt(v)}</b></div>"
+    ci = metrics.get("accuracy_ci95")
+    note = {"accuracy": f"<small>95 % interval {ci[0]:.3f}-{ci[1]:.3f} (Wilson, {metrics.get('n', '?')} images)</small>"
+            if ci else ""}
+    return "<div class=cards>" + "".join(f"<div class=card>{html.escape(k)}<b>{_fmt(v)}</b>{note.get(k, '')}</div>"
                                           for k, v in cards if v is not None) + "</div>"
 
 
