@@ -349,3 +349,27 @@ def test_an_unseen_class_mostly_abstains_and_accepted_answers_meet_the_target(tm
     assert precision >= 0.95 and len(accepted) >= 40
     forced = pred.predict(sorted((fresh / "green").iterdir())[:5], threshold=0.0)
     assert not any(a["abstained"] for a in forced)
+
+
+def test_config_yaml_is_written_after_the_choices_and_repeats_the_run(shapes_dir, tmp_path, capfd):
+    """--lr auto and --flips auto are decided once: config.yaml holds what they chose (and, under `asked`, what was
+    asked), and `pupil train --config` on it trains the same weights without deciding again."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from pupil.cli import main
+
+    common = ["--model", "efficientnet_lite0", "--img-size", "32", "--epochs", "1", "--batch-size", "8",
+              "--workers", "1", "--no-progress", "--device", "cpu", "--lr-find-steps", "15"]
+    first = tmp_path / "first"
+    assert main(["train", str(shapes_dir), *common, "--lr", "auto", "--flips", "auto", "--out", str(first)]) == 0
+    cfg = yaml.safe_load((first / "config.yaml").read_text())
+    assert isinstance(cfg["lr"], float) and cfg["flips"] in ("h", "d8") and cfg["balance"] == "none"
+    assert cfg["asked"]["lr"] == "auto" and cfg["asked"]["flips"] == "auto" and cfg["asked"]["balance"] == "auto"
+    capfd.readouterr()
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.yaml"), "--out", str(again)]) == 0
+    err = capfd.readouterr().err
+    assert "--lr auto" not in err and "flips auto" not in err  # nothing decided again
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -34,3 +34,15 @@ def test_evaluation_on_the_training_batch_shape_gives_the_same_numbers(tmp_path,
     for a, b in zip(same["history"], plain["history"]):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
         assert a["val_acc"] == b["val_acc"]
+
+
+def test_one_line_per_epoch_when_stderr_is_not_a_terminal(shapes_dir, tiny_config, capfd):
+    """Progress on (the default), stderr captured (not a terminal, as under CI or nohup): no bar frames, and one log
+    line per epoch with the bar's figures."""
+    from training.fit import fit
+
+    fit(tiny_config(shapes_dir, epochs=3, progress=True, patience=0))
+    err = capfd.readouterr().err
+    assert "\r" not in err and "batch/s" not in err and "it/s" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] and all("img/s" in line for line in lines)

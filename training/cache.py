@@ -14,6 +14,8 @@ import numpy as np
 
 from models.images import DEFAULT_MAX_PIXELS, ImageError, load_square
 
+from .distributed import live_bars
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PUPIL_CACHE", Path.home() / ".cache" / "pupil"))
@@ -110,7 +112,7 @@ def map_images(jobs: list, workers: int | None, progress: bool, fn=decode_one) -
     from tqdm import tqdm
 
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    bar = dict(total=len(jobs), desc="decode (once)", unit="img", disable=not progress, leave=False)
+    bar = dict(total=len(jobs), desc="decode (once)", unit="img", disable=not live_bars(progress), leave=False)
     if workers <= 1 or len(jobs) < 16:
         return [fn(j) for j in tqdm(jobs, **bar)]
     import multiprocessing as mp

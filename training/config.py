@@ -157,6 +157,7 @@ class TrainConfig:
         raw = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: not a mapping of settings")
+        raw.pop("asked", None)  # what was asked before a run's choices: a record, the settings above it ran
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
@@ -167,7 +168,15 @@ class TrainConfig:
     def from_file(cls, path: str | Path) -> "TrainConfig":
         return cls(**with_preset(cls.read_file(path)))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, asked: "TrainConfig | None" = None) -> None:
+        """config.yaml: every setting as it ran (each "auto" as what it chose: batch size, lr, flips, balance), so
+        `pupil train --config` on it repeats the run rather than deciding again; under `asked`, the value given for
+        each setting that a choice replaced (read back, it is shown, not used)."""
         import yaml
 
-        path.write_text(yaml.safe_dump({k: v for k, v in asdict(self).items() if k != "resume"}, sort_keys=False))
+        ran = {k: v for k, v in asdict(self).items() if k != "resume"}
+        if asked is not None:
+            was = {k: v for k, v in asdict(asked).items() if k in ran and ran[k] != v and k != "out"}
+            if was:
+                ran["asked"] = was
+        path.write_text(yaml.safe_dump(ran, sort_keys=False))

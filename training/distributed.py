@@ -64,3 +64,11 @@ def log(msg: str) -> None:
 
     if int(os.environ.get("RANK", 0)) == 0:
         print(msg, file=sys.stderr, flush=True)
+
+
+def live_bars(progress: bool) -> bool:
+    """Progress bars only where someone watches them: on a terminal. Into a file (CI, nohup, a notebook's captured
+    output) every frame of a bar is a line (about 100 per epoch of ELPV); there the per-epoch log line says the same."""
+    import sys
+
+    return bool(progress) and sys.stderr.isatty() and int(os.environ.get("RANK", 0)) == 0

@@ -57,6 +57,7 @@ class RunResult:
 
 def fit(cfg: TrainConfig) -> RunResult:
     t_start = time.perf_counter()
+    asked = cfg.resolved()
     setup, prep = start(cfg)
     phases = {"prepare_s": time.perf_counter() - t_start}
     cfg, dist = setup.cfg, setup.dist
@@ -65,7 +66,6 @@ def fit(cfg: TrainConfig) -> RunResult:
     resumed = read_resume(cfg, ckpt_path, prep.manifest)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
         prep.manifest.save_split(run_dir / "split.json")
     if resumed is not None:
         probe, lr_found = json.loads(resumed["probe"]), json.loads(resumed["lr_find"])
@@ -77,6 +77,10 @@ def fit(cfg: TrainConfig) -> RunResult:
     phases["probe_s"] = time.perf_counter() - t_start - sum(phases.values())
     if lr_found:
         cfg.lr = lr_found["suggested_lr"]
+    if setup.balance != cfg.balance:
+        cfg.balance = setup.balance
+    if dist.main:  # after the last choice: what ran, and what was asked where a choice was made
+        cfg.save(run_dir / "config.yaml", asked=asked)
     state = new_state(prep.model, prep.train, setup, probe, lr_found)
     if resumed is not None:
         state.restore(resumed, dist)

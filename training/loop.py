@@ -20,7 +20,7 @@ from models.runtime import autocast, in_batches
 from .augment import mix_batch, training_batch
 from .config import TrainConfig
 from .data import ImageSet, iterate
-from .distributed import Dist, log
+from .distributed import Dist, live_bars, log
 from .metrics import classification_metrics
 
 
@@ -113,7 +113,7 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup) -> dict[str, float
     batches = list(iterate(len(data), global_batch, shuffle=True, generator=state.order_gen,
                            drop_last=len(data) >= global_batch, weights=setup.sample_weights))
     bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{state.epochs}", unit="batch", leave=False,
-               disable=not (cfg.progress and dist.main), file=sys.stderr)
+               disable=not (live_bars(cfg.progress) and dist.main), file=sys.stderr)
     for idx in bar:
         x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
                               cfg.crop_scale, cfg.flips, cfg.crop)
