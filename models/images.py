@@ -9,7 +9,14 @@ everywhere. The rules for odd files, in one place:
 - High bit depth is scaled into 0..255, never clipped: 16-bit by its type's range (/257, so 8-bit and 16-bit copies of
   a picture decode alike), floats in 0..1 times 255, other ranges (32-bit integers) by their own min..max.
 - CMYK, YCbCr, LAB, HSV, 1-bit and palettes go through Pillow's own conversion to RGB.
-- The pixel count is checked from the header before anything is decoded (default 50 MP).
+- The pixel count is checked from the header before anything is decoded (default 50 MP), and so are the sizes a
+  header hides behind another: each image inside an ICO/CUR (an embedded PNG may say 65535 x 65535 where the
+  directory says 256) and the number of scans of a JPEG (a progressive JPEG of thousands of scans decodes for
+  minutes). Only the first frame or page is ever read (a TIFF's 60,000 IFDs are never walked).
+- 16-bit and float images are scaled to 8 bits in row strips: a 49 MP 16-bit PNG costs its decoded 98 MB and a
+  strip, not the 1.8 GB of a float64 copy.
+- Whatever else a decoder raises on a hostile file (TypeError from a bad TIFF tag, RuntimeError, MemoryError...) is
+  `corrupt` (or `too_many_pixels` for MemoryError): every file is an image or one of PROBLEM_STATUS's problems.
 """
 from __future__ import annotations
 
@@ -23,6 +30,10 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+# A progressive JPEG has some 10 scans (libjpeg's default script: 10; mozjpeg's: up to 60ish with its search); more
+# than this is a scan flood, which libjpeg decodes for minutes without a limit of its own.
+MAX_JPEG_SCANS = 200
+STRIP_PIXELS = 4_000_000  # 16-bit/float to 8-bit conversion works on strips of this many pixels
 
 # Pillow's own bomb guard is a warning at 89 MP and an error at 179 MP; ours is a clear, configurable limit checked
 # from the header, so Pillow's is switched off and cannot turn a large-but-allowed image into an exception.
@@ -86,7 +97,7 @@ class ImageInfo:
     frames: int
 
 
-def _open(src: bytes | str | Path) -> Image.Image:
+def _open(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if not data:
@@ -104,6 +115,8 @@ def _open(src: bytes | str | Path) -> Image.Image:
         if size == 0:
             raise ImageError("empty", "the file has zero bytes")
         fp = path
+    if head[:4] in (b"\0\0\1\0", b"\0\0\2\0"):  # ICO / CUR: Pillow decodes the largest image inside at open
+        check_icon_sizes(_read_all(src), max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -119,21 +132,74 @@ def _open(src: bytes | str | Path) -> Image.Image:
         raise ImageError("not_an_image", "the content is not an image format we can read") from None
     except Image.DecompressionBombError as e:  # only if someone re-enabled Pillow's guard
         raise ImageError("too_many_pixels", str(e)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError("too_many_pixels", "the header asks for more memory than there is") from None
+    except Exception as e:  # a hostile header can raise anything in a plugin: TypeError, KeyError, RuntimeError...
         if "truncat" in str(e).lower():
             raise ImageError("truncated", f"the file ends inside its header ({e})") from None
-        raise ImageError("corrupt", f"cannot parse the header: {e}") from None
+        raise ImageError("corrupt", f"cannot parse the header: {type(e).__name__}: {e}") from None
+
+
+def _read_all(src: bytes | str | Path) -> bytes:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    with open(src, "rb") as f:
+        return f.read()
+
+
+def check_icon_sizes(data: bytes, max_pixels: int) -> None:
+    """The real size of every image inside an ICO/CUR, read from its own header (an embedded PNG's IHDR, a DIB's
+    BITMAPINFOHEADER) before Pillow opens the file: its directory may say 256 x 256 over a 65535 x 65535 PNG, which
+    Pillow's open decodes whole (+3.8 GB seen). Raises ImageError."""
+    count = struct.unpack_from("<H", data, 4)[0] if len(data) >= 6 else 0
+    for i in range(min(count, 512)):
+        entry = 6 + 16 * i
+        if entry + 16 > len(data):
+            break
+        offset = struct.unpack_from("<I", data, entry + 12)[0]
+        head = data[offset:offset + 26]
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+            w, h = struct.unpack(">II", head[16:24])
+        elif len(head) >= 12:
+            w, h = (abs(v) for v in struct.unpack("<ii", head[4:12]))
+            h //= 2  # a DIB inside an icon stores the AND mask's rows too
+        else:
+            continue
+        if max_pixels and w * h > max_pixels:
+            raise ImageError("too_many_pixels", f"image {i} inside the icon file is {w}x{h} = {w * h / 1e6:.1f} MP, "
+                             f"over the {max_pixels / 1e6:g} MP limit")
+
+
+def check_hidden_sizes(im: Image.Image, src: bytes | str | Path, max_pixels: int) -> None:
+    """Limits a header does not show, checked before the pixels are decoded: a JPEG's number of scans (the sizes
+    inside an icon are checked before it is even opened: check_icon_sizes). Raises ImageError."""
+    if im.format in ("JPEG", "MPO"):
+        scans = _read_all(src).count(b"\xff\xda")  # SOS markers: 0xFF in the entropy-coded data is always stuffed
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError("corrupt", f"a JPEG of {scans} scans (a real one has about 10; over {MAX_JPEG_SCANS} "
+                             "is a decoder flood)")
 
 
 # Formats Pillow identifies but cannot decode without tools we do not ship (Ghostscript, Windows GDI).
 _NEEDS_EXTERNAL = {"EPS": "EPS needs Ghostscript", "WMF": "WMF/EMF vector images", "MPEG": "video"}
 
 
-def probe_image(src: bytes | str | Path) -> ImageInfo:
-    """Read the header only: format, size, mode, frame count. Raises ImageError."""
-    im = _open(src)
+def probe_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read the header only: format, size, mode, and frames (1, or 2 for "more than one": counting a TIFF's pages
+    walks every IFD, 60,000 of them in a hostile file). Raises ImageError."""
+    im = _open(src, max_pixels)
     try:
-        return ImageInfo(im.format or "", im.width, im.height, im.mode, getattr(im, "n_frames", 1))
+        try:
+            frames = 2 if getattr(im, "is_animated", False) else 1
+        except Exception:  # a damaged second frame: the first is what is read
+            frames = 1
+        return ImageInfo(im.format or "", im.width, im.height, im.mode, frames)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError("corrupt", f"cannot parse the header: {type(e).__name__}: {e}") from None
     finally:
         im.close()
 
@@ -149,13 +215,14 @@ def decode_image(
     draft_size: the shorter side the caller will resize to; large JPEGs are then decoded at a reduced scale in the
     DCT domain (Pillow's draft mode, ~3x faster), never below that size.
     """
-    im = _open(src)
+    im = _open(src, max_pixels)
     try:
         w, h = im.size
         if w <= 0 or h <= 0:
             raise ImageError("corrupt", f"the header says {w}x{h} pixels")
         if max_pixels and w * h > max_pixels:
             raise ImageError("too_many_pixels", f"{w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:g} MP limit")
+        check_hidden_sizes(im, src, max_pixels)
         if draft_size and im.format == "JPEG" and min(w, h) >= 2 * draft_size:
             # draft keeps both sides >= the request, so ask for the size that keeps the shorter side >= draft_size
             scale = draft_size / min(w, h)
@@ -163,16 +230,12 @@ def decode_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if getattr(im, "n_frames", 1) > 1:
-                    im.seek(0)
-                im.load()
+                im.load()  # the first frame: an image opens on it (n_frames would walk every page)
         except OSError as e:
             msg = str(e)
             if "truncat" in msg.lower() or "premature end" in msg.lower():
                 raise ImageError("truncated", f"the file ends early ({msg})") from None
             raise ImageError("corrupt", msg) from None
-        except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-            raise ImageError("corrupt", f"{type(e).__name__}: {e}") from None
         try:
             im = ImageOps.exif_transpose(im)
         except Exception:  # malformed EXIF must not lose the picture; keep it as stored
@@ -180,26 +243,44 @@ def decode_image(
         return to_rgb(im)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError) as e:
+    except MemoryError:
+        raise ImageError("too_many_pixels", f"decoding {im.size[0]}x{im.size[1]} needs more memory than there is") from None
+    except Exception as e:  # whatever a plugin raises on a hostile file: TypeError, RuntimeError, KeyError...
         raise ImageError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
 def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     """High bit depth -> 0..255 by a rule that never looks at one image's own maximum for 16-bit data:
     16-bit (I;16*) by the type's range, /257, so the same picture stored at 8 and at 16 bits gives the same pixels;
-    float in 0..1 times 255; anything else (32-bit integers, floats outside 0..1) by its own min..max."""
-    a = a.astype(np.float64)
+    float in 0..1 times 255; anything else (32-bit integers, floats outside 0..1) by its own min..max.
+    In strips of rows (STRIP_PIXELS), in float32 where float64 adds nothing: memory is the input plus one strip."""
+    out = np.empty(a.shape, dtype=np.uint8)
     if a.size == 0:
-        return a.astype(np.uint8)
+        return out
+    rows = max(1, STRIP_PIXELS // max(1, int(np.prod(a.shape[1:]))))
     if mode.startswith("I;16"):
-        out = a / 257.0
-    else:
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-        if mode == "F" and lo >= 0 and hi <= 1.0:
-            out = a * 255.0
+        for r in range(0, len(a), rows):
+            out[r:r + rows] = (a[r:r + rows].astype(np.uint32) + 128) // 257  # = rint(a / 257), exactly
+        return out
+    finite = np.isfinite(a) if a.dtype.kind == "f" else None
+    if finite is not None and not finite.any():
+        out[:] = 0
+        return out
+    lo = float(np.min(a, where=finite, initial=np.inf) if finite is not None else a.min())
+    hi = float(np.max(a, where=finite, initial=-np.inf) if finite is not None else a.max())
+    del finite
+    unit = mode == "F" and lo >= 0 and hi <= 1.0
+    wide = a.dtype.kind in "iu" and a.dtype.itemsize >= 4  # 32-bit integers: float64 keeps their differences
+    for r in range(0, len(a), rows):
+        s = a[r:r + rows].astype(np.float64 if wide else np.float32)
+        if unit:
+            s *= 255.0
+        elif hi > lo:
+            s = (s - lo) / (hi - lo) * 255.0
         else:
-            out = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    return np.nan_to_num(np.rint(out), nan=0.0).clip(0, 255).astype(np.uint8)
+            s[:] = 0
+        out[r:r + rows] = np.nan_to_num(np.rint(s), nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255)
+    return out
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -140,7 +140,7 @@ def _record(root: Path, path: Path, label: str, max_pixels: int) -> FileRecord:
     rec.size = len(data)
     rec.sha256 = hashlib.sha256(data).hexdigest()
     try:
-        info = probe_image(data)
+        info = probe_image(data, max_pixels)
         rec.width, rec.height, rec.format = info.width, info.height, info.format
         if max_pixels and info.width * info.height > max_pixels:
             raise ImageError("too_many_pixels", f"{info.width}x{info.height} is over the {max_pixels / 1e6:g} MP limit")
