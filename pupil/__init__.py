@@ -52,10 +52,22 @@ class Run:
 def train(data: str | Path, **options: Any) -> Run:
     """Fine-tune on `data` (one sub-folder per class, or train/ val/ test/ splits); options are TrainConfig's
     fields (`pupil train --help` lists them), e.g. model="small_cnn", epochs=5, out="runs/x", preset="fast"
-    (a preset's values go under the options given)."""
+    (a preset's values go under the options given); labels: a CSV/TSV path or a pandas DataFrame of path,
+    label[,split] rows (paths relative to data)."""
     from training.config import TrainConfig, with_preset
     from training.fit import fit
 
+    labels = options.get("labels")
+    if labels is not None and not isinstance(labels, (str, Path)):  # a pandas DataFrame: kept in the run as a CSV
+        import time
+
+        from training.table import dataframe_to_csv
+
+        model = options.get("model", "efficientnet_lite0")
+        options["out"] = options.get("out") or str(Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        options["labels"] = str(dataframe_to_csv(labels, Path(options["out"]) / "labels.csv"))
+    elif labels is not None:
+        options["labels"] = str(labels)
     result = fit(TrainConfig(**with_preset({**options, "data": str(data)})))
     return Run(result.run_dir, result.metrics)
 

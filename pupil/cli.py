@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--max-pixels", type=int, default=50_000_000)
     c.add_argument("--val-split", type=float, default=0.2, help="the validation fraction training would split off")
+    for name in ("labels", "path_col", "label_col", "split_col"):
+        c.add_argument("--" + name.replace("_", "-"), help=TrainConfig.__dataclass_fields__[name].metadata["help"])
     c.set_defaults(func=cmd_check)
 
     t = sub.add_parser("train", help="fine-tune (or train small_cnn from scratch) and write runs/NAME")

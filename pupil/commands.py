@@ -250,13 +250,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from training.data import SPLITS, scan, split_manifest, trainability, warnings_for
+    from training.data import SPLITS, split_manifest, trainability, warnings_for
+    from training.table import TableSpec, scan_data
 
-    try:
-        m = split_manifest(scan(args.data, max_pixels=args.max_pixels, verify=True), args.val_split, 0)
-    except FileNotFoundError as e:
-        print(f"pupil check: {e}", file=sys.stderr)
-        return 2
+    spec = TableSpec(args.labels or "", args.path_col or "", args.label_col or "", args.split_col or "")
+    m = split_manifest(scan_data(args.data, spec, max_pixels=args.max_pixels, verify=True), args.val_split, 0)
     reason = trainability(m)
     counts = m.counts()
     splits = {s: m.counts(s) for s in SPLITS if m.usable(s)}
@@ -264,6 +262,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         "root": m.root,
         "classes": counts,
         "presplit": m.presplit,
+        "table": m.table or None,
+        "unlisted": m.unlisted,
         "splits": splits,
         "usable": sum(counts.values()),
         "problems": [{"path": f.path, "class": f.label, "problem": f.problem, "detail": f.detail} for f in m.problems()],
@@ -274,7 +274,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0 if reason is None else 2
-    print(f"{m.root}: {len(counts)} classes, {report['usable']} usable images, {len(report['problems'])} problems")
+    print(f"{m.root}: {len(counts)} classes, {report['usable']} usable images, {len(report['problems'])} problems"
+          + (f"; labels from {m.table}" + (f", {m.unlisted} files under the folder named by no row" if m.unlisted
+                                            else "") if m.table else ""))
     names = {"train": "train", "val": "validation", "test": "test"}
     width = max((len(c) for c in counts), default=5)
     head = f"  {'class':<{width}}  {'total':>6}" + "".join(f"  {names[s]:>10}" for s in splits)
@@ -282,7 +284,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for c, n in counts.items():
         print(f"  {c:<{width}}  {n:>6}" + "".join(f"  {splits[s][c]:>10}" for s in splits))
     if not m.presplit:
-        print(f"  (not split into folders: training splits off {args.val_split:.0%} for validation; no test split "
+        where = " by the table" if m.table else " into folders"
+        print(f"  (not split{where}: training splits off {args.val_split:.0%} for validation; no test split "
               "- put untouched images in DATA/test/<class>/ for an honest test figure)")
     elif "test" not in splits:
         print("  (no test/ split: the report will say that no untouched test set was given)")

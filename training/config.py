@@ -42,6 +42,11 @@ class TrainConfig:
     preset: str = opt("default", "fast (the linear probe only: about a minute) | default | best (efficientnet_lite2 "
                                  "at 260 px, 30 epochs fitted to a 60-minute --time-limit); flags you give win",
                       choices=tuple(PRESETS))
+    labels: str = opt("", "a CSV/TSV of path,label[,split] rows, paths relative to DATA (default: DATA/metadata.csv "
+                          "if there is one, else one sub-folder per class)")
+    path_col: str = opt("", "the labels table's path column (default: path, file, file_name, filename or image)")
+    label_col: str = opt("", "the labels table's label column (default: label, class or target)")
+    split_col: str = opt("", "the labels table's split column, train/val/test (default: split, if there is one)")
     model: str = opt("efficientnet_lite0", "timm architecture name, or small_cnn for the from-scratch baseline")
     pretrained: str = opt("auto", "auto (bundled weights when a package ships them, else the hub) | none | hub | "
                                   "PATH to .safetensors/.pth")

@@ -54,6 +54,8 @@ class Manifest:
     classes: list[str]
     files: list[FileRecord]
     presplit: bool = False
+    unlisted: int = 0  # files under the root that a labels table does not name (not used; counted for check)
+    table: str = ""  # the labels table the manifest was read from, if any
 
     def usable(self, split: str | None = None) -> list[FileRecord]:
         return [f for f in self.files if f.problem is None and (split is None or f.split == split)]
@@ -130,7 +132,7 @@ def _class_dirs(root: Path) -> list[Path]:
         raise FileNotFoundError(f"cannot read the data folder {root}: {e.strerror or e}") from None
 
 
-def _record(root: Path, path: Path, label: str, max_pixels: int) -> FileRecord:
+def record(root: Path, path: Path, label: str, max_pixels: int) -> FileRecord:
     rec = FileRecord(path=path.relative_to(root).as_posix(), label=label)
     try:
         data = path.read_bytes()
@@ -172,7 +174,7 @@ def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool
             split = aliases[d.name.lower()]
             for cdir in _class_dirs(d):
                 for p in walk_files(cdir):
-                    rec = _record(root, p, cdir.name, max_pixels)
+                    rec = record(root, p, cdir.name, max_pixels)
                     rec.split = split
                     files.append(rec)
         classes = sorted({f.label for f in files} | {c.name for d in top for c in _class_dirs(d)})
@@ -180,19 +182,24 @@ def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool
         classes = [d.name for d in top]
         for d in top:
             for p in walk_files(d):
-                files.append(_record(root, p, d.name, max_pixels))
-    _mark_duplicates(files)
+                files.append(record(root, p, d.name, max_pixels))
+    mark_duplicates(files)
     if verify:
-        todo = [f for f in files if f.problem is None]
-        results = map_images([(str(root / f.path), 64, "bilinear", max_pixels) for f in todo], workers, progress=False,
-                             fn=verify_one)
-        for f, (problem, detail) in zip(todo, results):
-            if problem:
-                f.problem, f.detail = problem, detail
+        verify_files(root, files, max_pixels, workers)
     return Manifest(root=str(root), classes=classes, files=files, presplit=presplit)
 
 
-def _mark_duplicates(files: list[FileRecord]) -> None:
+def verify_files(root: Path, files: list[FileRecord], max_pixels: int, workers: int | None = None) -> None:
+    """Decode every file still usable (at a reduced scale) and record the problems the headers did not show."""
+    todo = [f for f in files if f.problem is None]
+    results = map_images([(str(root / f.path), 64, "bilinear", max_pixels) for f in todo], workers, progress=False,
+                         fn=verify_one)
+    for f, (problem, detail) in zip(todo, results):
+        if problem:
+            f.problem, f.detail = problem, detail
+
+
+def mark_duplicates(files: list[FileRecord]) -> None:
     """Same bytes in two classes: label noise, all copies left out. Same bytes twice in one class: keep one, the
     training copy when a pre-split folder has it in two splits (so nothing leaks from train into val or test)."""
     by_hash: dict[str, list[FileRecord]] = defaultdict(list)

@@ -16,9 +16,10 @@ from models.runtime import amp_dtype, amp_name, autocast, pick_device
 from .augment import make_policy
 from .config import TrainConfig
 from .cache import DecodeCache
-from .data import ImageSet, Manifest, apply_cache_failures, scan, split_manifest, trainability
+from .data import ImageSet, Manifest, apply_cache_failures, split_manifest, trainability
 from .distributed import Dist, log, setup_distributed
 from .loop import TrainSetup
+from .table import TableSpec, scan_data
 
 
 class DataError(RuntimeError):
@@ -66,7 +67,8 @@ def start(cfg: TrainConfig) -> tuple[TrainSetup, Prepared]:
 
 def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
     """Scan and split the folder, build the model (on the device), decode every image once into the cache."""
-    manifest = split_manifest(scan(cfg.data, max_pixels=cfg.max_pixels), cfg.val_split, cfg.seed)
+    spec = TableSpec(cfg.labels, cfg.path_col, cfg.label_col, cfg.split_col)
+    manifest = split_manifest(scan_data(cfg.data, spec, max_pixels=cfg.max_pixels), cfg.val_split, cfg.seed)
     reason = trainability(manifest)
     if reason:
         raise DataError(reason)
