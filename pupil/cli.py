@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--max-pixels", type=int, default=50_000_000)
     c.add_argument("--val-split", type=float, default=0.2, help="the validation fraction training would split off")
+    c.add_argument("--label-issues", action="store_true",
+                   help="also find likely label errors (the default backbone's features, out-of-fold probes, confident "
+                        "learning): a ranked list, and label_issues.csv")
+    c.add_argument("--label-issues-csv", help="where --label-issues writes its CSV (default: ./label_issues.csv)")
     for name in ("labels", "path_col", "label_col", "split_col"):
         c.add_argument("--" + name.replace("_", "-"), help=TrainConfig.__dataclass_fields__[name].metadata["help"])
     c.set_defaults(func=cmd_check)

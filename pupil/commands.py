@@ -271,6 +271,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         "trainable": reason is None,
         "reason": reason,
     }
+    if args.label_issues and reason is None:
+        report["label_issues"] = check_label_issues(args)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0 if reason is None else 2
@@ -293,8 +295,39 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  ! {p['path']}: {p['problem']} ({p['detail']})")
     for w in report["warnings"]:
         print(f"  warning: {w}")
+    found = report.get("label_issues")
+    if found:
+        print(f"likely label errors: {found['flagged']} of {found['images']} images (ranked; all in {found['csv']})")
+        for r in found["issues"][:20]:
+            print(f"  {r['score']:.2f}  {r['path']}: given {r['given']}, looks like {r['suggested']}")
     print("trainable" if reason is None else f"not trainable: {reason}")
     return 0 if reason is None else 2
+
+
+def check_label_issues(args: argparse.Namespace) -> dict:
+    """`pupil check --label-issues`: the default backbone's features of every training and validation image (the
+    split training would make), out-of-fold probes on them, confident learning; the ranked list also as a CSV."""
+    import tempfile
+
+    from training.config import TrainConfig
+    from training.label_issues import find_label_issues, write_csv
+    from training.prepare import start
+    from training.probe import probe_features
+
+    cfg = TrainConfig(data=args.data, labels=args.labels or "", path_col=args.path_col or "",
+                      label_col=args.label_col or "", split_col=args.split_col or "", stages="probe",
+                      val_split=args.val_split, max_pixels=args.max_pixels, progress=False,
+                      out=tempfile.mkdtemp(prefix="pupil-check-"))
+    setup, prep = start(cfg)
+    x_train, y_train, x_val, y_val = probe_features(prep.model, prep.train, prep.val, setup)
+    import torch
+
+    x, y = (torch.cat([a, b]) if b is not None else a for a, b in ((x_train, x_val), (y_train, y_val)))
+    found = find_label_issues(x, y, prep.classes, list(prep.train.paths) + list(prep.val.paths),
+                              ["train"] * len(y_train) + ["val"] * (len(y) - len(y_train)), seed=cfg.seed)
+    csv_path = Path(args.label_issues_csv or "label_issues.csv")
+    write_csv(csv_path, found)
+    return {**found, "csv": str(csv_path)}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

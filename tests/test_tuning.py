@@ -39,7 +39,9 @@ def test_lr_find_cli_suggests_a_rate_that_trains_and_lr_auto_uses_it(shapes_dir,
     losses = [h["train_loss"] for h in run.history]
     assert min(losses[1:]) < losses[0], losses
     assert run.metrics["val"]["accuracy"] > 0.6  # chance is 0.5
-    assert TrainConfig.from_file(run.run_dir / "config.yaml").lr == "auto"  # a rerun finds it again
+    # config.yaml holds the rate the range test chose (a rerun repeats the run), and that auto was asked
+    assert TrainConfig.from_file(run.run_dir / "config.yaml").lr == pytest.approx(found["suggested_lr"])
+    assert "lr: auto" in (run.run_dir / "config.yaml").read_text().split("asked:")[1]
 
     # lr-find reads a --config too, and its flags override it
     r = subprocess.run([sys.executable, "-m", "pupil", "lr-find", "--config", str(run.run_dir / "config.yaml"),

@@ -91,6 +91,10 @@ class TrainConfig:
     warmup_epochs: float = opt(1.0, "epochs of linear learning-rate warm-up before the cosine decay")
     patience: int = opt(5, "early stopping after N epochs in which the fine-tune did not improve on its own best "
                            "validation score (the probe stays a candidate for the model kept; 0: off)")
+    label_issues: bool = opt(True, "find likely label errors among the training and validation images (seconds, on the "
+                                   "probe's features): label_issues.csv and a report section")
+    drop_label_issues: bool = opt(False, "leave the training images flagged as likely mislabelled out of training "
+                                         "(validation images are never dropped); the report says how many")
     abstain_precision: float = opt(0.95, "confidence threshold chosen so accepted validation answers are this "
                                          "precise (0: never abstain)")
     time_limit: float = opt(0.0, "minutes for the whole run (0: none); the epochs that fit are run, schedule intact")

@@ -315,6 +315,16 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def subset(self, keep: np.ndarray) -> "ImageSet":
+        """The images at the indices `keep`, in order (on the GPU too, where the set is resident)."""
+        out = ImageSet(self.cache, self.rows[keep], self.labels[keep], [self.paths[i] for i in keep])
+        if self.resident is not None:
+            import torch
+
+            k = torch.as_tensor(keep, device=self.resident.device)
+            out.resident, out.resident_labels = self.resident[k], self.resident_labels[k]
+        return out
+
     def crop(self, i: int, size: int) -> np.ndarray:
         """Image i's centre crop at the model's input size (uint8 HxWx3), as the Predictor would feed it."""
         from models.preprocess import center

@@ -37,7 +37,8 @@ from .loop import (TrainSetup, WarmupCosine, evaluate, param_groups, predict_log
                    train_one_epoch)
 from .prepare import DataError, Prepared, start
 from .metrics import choose_logit_bias, choose_threshold, evaluate_logits, fit_temperature
-from .probe import linear_probe
+from .label_issues import drop_from_training
+from .probe import probe_stage
 from .report import confident_mistakes, write_report
 from .select import choose_kept, score_of
 from .state import TrainState, load_checkpoint, save_checkpoint
@@ -69,9 +70,11 @@ def fit(cfg: TrainConfig) -> RunResult:
         prep.manifest.save_split(run_dir / "split.json")
     if resumed is not None:
         probe, lr_found = json.loads(resumed["probe"]), json.loads(resumed["lr_find"])
+        if (probe.get("label_issues") or {}).get("dropped"):  # the same training images as before the stop
+            drop_from_training(prep, probe["label_issues"]["dropped_paths"])
         settle_flips(probe, setup)
     else:
-        probe = linear_probe(prep.model, prep.train, prep.val, setup) if cfg.stages in ("probe", "both") else {}
+        probe = probe_stage(prep, setup, run_dir) if cfg.stages in ("probe", "both") else {}
         settle_flips(probe, setup)
         lr_found = find_lr(prep, setup, run_dir) if cfg.lr == "auto" and finetunes(cfg) else {}
     phases["probe_s"] = time.perf_counter() - t_start - sum(phases.values())
@@ -332,7 +335,8 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
                               classes=prep.classes, history=history, probe=state.probe, test=test,
                               best_epoch=state.best_epoch,
                               config={**asdict(cfg), "probe": state.probe, "lr_find": out["lr_find"]},
-                              data_summary={"counts": out["counts"], "skipped": out["skipped"]}, mistakes=mistakes)
+                              data_summary={"counts": out["counts"], "skipped": out["skipped"]}, mistakes=mistakes,
+                              label_issues=state.probe.get("label_issues"))
         log(f"report: {report}")
         lo, hi = val.get("accuracy_ci95", (0.0, 1.0))
         log(f"kept epoch {state.best_epoch}: validation " + ", ".join(

@@ -40,12 +40,19 @@ def fit_head(head: torch.nn.Module, x_train, y_train, x_val, y_val, setup: Train
     return best
 
 
-def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: TrainSetup) -> dict[str, Any]:
-    """Fit model's head on frozen features; the head with the lowest validation loss is kept. Returns its record.
-    With --flips auto it also settles the flips (choose_flips)."""
-    t0 = time.perf_counter()
+def probe_features(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: TrainSetup) -> tuple:
+    """(x_train, y_train, x_val, y_val): the pooled backbone features of the centre crops, computed once."""
     x_train, y_train = (t.clone() for t in predict_logits(model, train, setup, pre_logits=True))
     x_val, y_val = (t.clone() for t in predict_logits(model, val, setup, pre_logits=True)) if len(val) else (None, None)
+    return x_train, y_train, x_val, y_val
+
+
+def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: TrainSetup,
+                 features: tuple | None = None) -> dict[str, Any]:
+    """Fit model's head on frozen features (probe_features, or computed here); the head with the lowest validation
+    loss is kept. Returns its record. With --flips auto it also settles the flips (choose_flips)."""
+    t0 = time.perf_counter()
+    x_train, y_train, x_val, y_val = features or probe_features(model, train, val, setup)
     t_feat = time.perf_counter() - t0
 
     head = copy.deepcopy(model.get_classifier()).float().cpu()
@@ -59,6 +66,24 @@ def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: 
         out.update(evaluate(model, val, setup))
         log(f"probe: features of {len(train)} images in {t_feat:.1f}s, head trained in {out['head_seconds']:.2f}s; "
             f"validation loss {out['val_loss']:.4f}  accuracy {out['val_acc']:.3f}")
+    return out
+
+
+def probe_stage(prep, setup: TrainSetup, run_dir) -> dict[str, Any]:
+    """Stage 1 as the fit runs it: the features once, the likely label errors found on them (and dropped from
+    training with --drop-label-issues), then the probe on what trains."""
+    from .label_issues import review_labels
+
+    t0 = time.perf_counter()
+    features = probe_features(prep.model, prep.train, prep.val, setup)
+    t_feat = time.perf_counter() - t0
+    issues = None
+    if setup.cfg.label_issues and len(prep.val) and len(prep.classes) > 1:
+        issues, features = review_labels(prep, features, setup, run_dir)
+    out = linear_probe(prep.model, prep.train, prep.val, setup, features)
+    out["feature_seconds"], out["images_per_s"] = t_feat, len(prep.train) / t_feat if t_feat else 0.0
+    if issues is not None:
+        out["label_issues"] = issues
     return out
 
 

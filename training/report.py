@@ -215,11 +215,32 @@ def _probe_note(history: list[dict[str, Any]], probe: dict[str, Any] | None, bes
             "<code>--ema</code>; or more images.</p>")
 
 
+def _label_issues_section(out_dir: Path, found: dict[str, Any]) -> str:
+    """Likely label errors: how many, what was done with them, and the first of them as thumbnails."""
+    dropped = found.get("dropped", 0)
+    parts = [f"<h2>Likely label errors</h2><p>{found['flagged']} of {found['images']} training and validation images "
+             f"look mislabelled: their given label got a low probability from a probe that never saw them "
+             f"({found['folds']}-fold, on the backbone's features), and another class a high one (confident learning, "
+             "Northcutt et al. 2021). Check them by eye; all are listed in <code>label_issues.csv</code>. "
+             + (f"<b>{dropped} flagged training images were left out of training</b> (--drop-label-issues; "
+                "validation images never are)." if dropped else
+                "Nothing was dropped: <code>--drop-label-issues</code> leaves the flagged training images out.")
+             + "</p><div class=gallery>"]
+    for rank, r in enumerate(found.get("top", []), 1):
+        png = out_dir / "label_issues" / f"{rank:03d}.png"
+        thumb = _img(png.read_bytes(), r["path"], 128) if png.is_file() else ""
+        parts.append(f"<div class=g>{thumb}<br>{html.escape(r['path'])} ({r['split']})<br>given <b>"
+                     f"{html.escape(r['given'])}</b>, suggested <b>{html.escape(r['suggested'])}</b><br>score "
+                     f"{r['score']:.2f}</div>")
+    return "".join(parts) + "</div>"
+
+
 def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes: list[str],
                  history: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
                  data_summary: dict[str, Any] | None = None, mistakes: Sequence[Mistake] = (),
                  probe: dict[str, Any] | None = None, test: dict[str, Any] | None = None,
-                 best_epoch: int | None = None, split: str = "validation") -> Path:
+                 best_epoch: int | None = None, split: str = "validation",
+                 label_issues: dict[str, Any] | None = None) -> Path:
     """Write report.html and the plots (curves.png, confusion.png, reliability.png) into out_dir.
 
     metrics: those of `split` (a training run's validation split; the folder `pupil evaluate` was given). test: a
@@ -289,6 +310,8 @@ def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes:
         parts.append("</div>")
     else:
         parts.append("<p>No mistakes on this split.</p>")
+    if label_issues:
+        parts.append(_label_issues_section(out_dir, label_issues))
     if config:
         parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")

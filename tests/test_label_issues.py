@@ -1,0 +1,64 @@
+"""training/label_issues.py: out-of-fold probes on the cached features and confident learning find the images whose
+labels are wrong; shown by `pupil check --label-issues`, in the report and in label_issues.csv; dropped from training
+only when asked."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from pupil.cli import main
+from tests.conftest import make_shapes_folder
+from training.fit import fit
+from training.label_issues import confident_learning
+
+
+def test_confident_learning_flags_the_images_another_class_claims():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([[.9, .1], [.8, .2], [.85, .15], [.1, .9],  # image 3: labelled 0, looks like 1
+                      [.2, .8], [.1, .9], [.3, .7], [.7, .3]])  # image 7: labelled 1, claimed by class 0
+    idx, suggested, score = confident_learning(probs, labels)
+    assert sorted(idx.tolist()) == [3, 7] and idx[0] == 3  # the least self-confident first
+    assert suggested.tolist() == [1, 0] and score.tolist() == [0.9, 0.7]
+
+
+def _noisy(tmp_path, flipped=4):
+    data = make_shapes_folder(tmp_path / "noisy", n=40)
+    moved = sorted((data / "red").iterdir())[:flipped]
+    for p in moved:  # red blobs filed under blue: wrong labels
+        os.replace(p, data / "blue" / p.name)
+    return data, {f"blue/{p.name}" for p in moved}
+
+
+def test_a_run_lists_the_mislabelled_images_and_drops_them_only_when_asked(tmp_path, tiny_config):
+    data, wrong = _noisy(tmp_path)
+    cfg = dict(model="efficientnet_lite0", img_size=64, epochs=0)
+    r = fit(tiny_config(data, **cfg))
+    found = r.metrics["probe"]["label_issues"]
+    rows = list(csv.DictReader(open(r.run_dir / "label_issues.csv")))
+    assert len(rows) == found["flagged"] and found["dropped"] == 0
+    top = {row["path"] for row in rows[:len(wrong) + 2]}
+    assert len(top & wrong) >= len(wrong) - 1, (rows[:8], wrong)
+    assert all(row["given"] == "blue" and row["suggested"] == "red" for row in rows if row["path"] in wrong)
+    report = (r.run_dir / "report.html").read_text()
+    assert "Likely label errors" in report and "Nothing was dropped" in report
+    assert (r.run_dir / "label_issues" / "001.png").is_file()
+
+    dropped = fit(tiny_config(data, **cfg, drop_label_issues=True, out=str(tmp_path / "dropped")))
+    d = dropped.metrics["probe"]["label_issues"]
+    flagged_train = [row["path"] for row in rows if row["split"] == "train"]
+    assert d["dropped"] == len(flagged_train) > 0 and sorted(d["dropped_paths"]) == sorted(flagged_train)
+    assert dropped.metrics["probe"]["train_images"] == r.metrics["probe"]["train_images"] - d["dropped"]
+    assert f"{d['dropped']} flagged training images were left out" in (dropped.run_dir / "report.html").read_text()
+
+
+def test_check_label_issues_ranks_the_wrong_labels(tmp_path, capsys, monkeypatch):
+    data, wrong = _noisy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", str(data), "--label-issues", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    found = report["label_issues"]
+    assert found["flagged"] >= len(wrong) - 1 and (tmp_path / "label_issues.csv").is_file()
+    assert len({r["path"] for r in found["issues"][:len(wrong) + 2]} & wrong) >= len(wrong) - 1
