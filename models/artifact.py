@@ -147,8 +147,18 @@ def save_artifact(
         tmp.rename(directory)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except OSError as e:  # disk full, quota, read-only: the previous artifact (if any) is untouched
         shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"cannot write the artifact {directory}: {e.strerror or e}; "
+                               f"{'the previous artifact is unchanged' if directory.exists() else 'nothing was written'}",
+                      str(directory)) from None
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "os error 28" in str(e) or "No space left" in str(e):  # safetensors' own error for ENOSPC
+            import errno
+
+            raise OSError(errno.ENOSPC, f"cannot write the artifact {directory}: no space left on the device; "
+                                        "the previous artifact, if any, is unchanged", str(directory)) from None
         raise
     return directory
 

@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        if hasattr(e, "exit_code"):  # training.interrupt.Interrupted: stopped by a signal, checkpoint written
+            print(f"pupil {args.command}: {e}", file=sys.stderr)
+            return int(e.exit_code)
         if user_error(e):
             print(f"pupil {args.command}: {one_line(e)}", file=sys.stderr)
             return 2

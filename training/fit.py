@@ -16,6 +16,7 @@ reported apart.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import time
@@ -37,9 +38,11 @@ from .loop import (TrainSetup, WarmupCosine, evaluate, param_groups, predict_log
                    train_one_epoch)
 from .prepare import DataError, Prepared, start
 from .metrics import choose_logit_bias, choose_threshold, evaluate_logits, fit_temperature
+from .interrupt import Interrupted, run_lock, stop_signals
 from .label_issues import drop_from_training
 from .probe import probe_stage
 from .report import confident_mistakes, write_report
+from .budget import fit_time_limit, rerun_smaller
 from .select import choose_kept, score_of
 from .state import TrainState, load_checkpoint, save_checkpoint
 from .tuning import lr_range_test, plot_lr_find
@@ -57,8 +60,14 @@ class RunResult:
 
 
 def fit(cfg: TrainConfig) -> RunResult:
-    t_start = time.perf_counter()
     asked = cfg.resolved()
+    with run_lock(asked.out, int(os.environ.get("RANK", 0)) == 0):
+        return fit_locked(cfg, asked)
+
+
+def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
+    t_start = time.perf_counter()
+    cfg = replace(cfg, out=asked.out)  # the run folder the lock was taken on, default name included
     setup, prep = start(cfg)
     phases = {"prepare_s": time.perf_counter() - t_start}
     cfg, dist = setup.cfg, setup.dist
@@ -91,7 +100,8 @@ def fit(cfg: TrainConfig) -> RunResult:
     elif "val_loss" in probe:  # the probed model is epoch 0: a fine-tune that never beats it does not replace it
         state.keep_if_best((probe[setup.score_key], -probe["val_loss"]), 0)
     if finetunes(cfg):
-        train_epochs(state, prep, setup, ckpt_path, t_start)
+        with stop_signals() as stopped:
+            train_epochs(state, prep, setup, ckpt_path, t_start, stopped)
     phases["finetune_s"] = time.perf_counter() - t_start - sum(phases.values())
     state.kept = choose_kept(state, prep, setup) if finetunes(cfg) else {"kept": "probe", "epoch": 0}
     return finish(state, prep, setup, run_dir, t_start, phases)
@@ -159,9 +169,10 @@ def new_state(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, probe:
                       batch_size=cfg.batch_size, epochs=cfg.epochs, probe=probe, lr_find=lr_found)
 
 
-def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path: Path, t_start: float) -> None:
+def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path: Path, t_start: float,
+                 stopped=lambda: None) -> None:
     """Epochs until the last one, early stopping or the time limit; after each, validate, keep the best, checkpoint.
-    Decisions are rank 0's, broadcast."""
+    Decisions are rank 0's, broadcast. A stop signal (stopped()) ends it with a checkpoint and Interrupted."""
     cfg, dist = setup.cfg, setup.dist
     writer = _tensorboard(ckpt_path.parent / "tb") if dist.main else None
     fingerprint = prep.manifest.fingerprint()
@@ -173,7 +184,13 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
             epoch, t_epoch = state.epoch + 1, time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch, "lr": state.opt.param_groups[-1]["lr"]}
             try:
-                row.update(train_one_epoch(state, prep.train, setup))
+                trained = train_one_epoch(state, prep.train, setup, stop=stopped)
+                if trained is None:  # a stop signal inside the epoch: a checkpoint of the step it reached
+                    if pending is not None:
+                        pending.result()
+                    save_checkpoint(ckpt_path, state.snapshot(dist, fingerprint))
+                    raise Interrupted(stopped(), str(ckpt_path), f"in epoch {epoch}, after step {state.step_in_epoch}")
+                row.update(trained)
             except torch.OutOfMemoryError:
                 if at_start is None or state.batch_size <= 1:  # under DDP the other ranks would wait forever
                     raise
@@ -210,46 +227,16 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
                     pending.result()  # one write at a time, in order; an error surfaces here
                 pending = disk.submit(save_checkpoint, ckpt_path, snap)
             at_start = snap if dist.world == 1 else None
+            if dist.from_main(float(stopped() is not None))[0] and state.epoch < state.epochs:
+                if pending is not None:
+                    pending.result()
+                raise Interrupted(stopped() or 15, str(ckpt_path), f"after epoch {epoch}")
             if cfg.patience and state.stale >= cfg.patience:
                 log(f"early stop: the fine-tune's validation score has not improved for {cfg.patience} epochs")
         if pending is not None:
             pending.result()
     if writer is not None:
         writer.close()
-
-
-def rerun_smaller(state: TrainState, at_start: dict[str, Any], n_train: int, setup: TrainSetup) -> None:
-    """An epoch ran out of GPU memory: back to the epoch's starting state (weights, optimizer, schedule, RNG streams),
-    half the batch, the rest of the schedule re-spread over the new number of steps."""
-    state.restore(at_start, setup.dist)
-    state.batch_size //= 2
-    if setup.device.type == "cuda":
-        torch.cuda.empty_cache()
-    spe = steps_per_epoch(n_train, state.batch_size * setup.dist.world)
-    done = state.sched.last_epoch
-    if done == 0:  # nothing trained yet: exactly the schedule a run at this batch size would have
-        state.shape.warmup = int(setup.cfg.warmup_epochs * spe)
-    state.shape.total = done + spe * (state.epochs - state.epoch)
-    _set_lr(state)
-    log(f"out of GPU memory in epoch {state.epoch + 1}: batch size now {state.batch_size}, the epoch runs again")
-
-
-def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_train: int, setup: TrainSetup) -> None:
-    """After the first epoch: how many fit in --time-limit; the cosine is shortened to end on the last of them."""
-    left = setup.cfg.time_limit * 60 - elapsed
-    (fit_n,) = setup.dist.from_main(state.epoch + int(left // max(epoch_seconds, 1e-3)))
-    if int(fit_n) < state.epochs:
-        state.epochs = max(state.epoch, int(fit_n))
-        state.shape.total = steps_per_epoch(n_train, state.batch_size * setup.dist.world) * state.epochs
-        log(f"time limit {setup.cfg.time_limit:g} min: {state.epochs} epochs fit")
-
-
-def _set_lr(state: TrainState) -> None:
-    """The optimizer's current rates from the (changed) schedule, as LambdaLR would have set them."""
-    factor = state.shape(state.sched.last_epoch)
-    for g, base in zip(state.opt.param_groups, state.sched.base_lrs):
-        g["lr"] = base * factor
-    state.sched._last_lr = [g["lr"] for g in state.opt.param_groups]
 
 
 # ------------------------------------------------------------------------------------------------------ the end

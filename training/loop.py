@@ -103,18 +103,29 @@ def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, opt, scaler) -> N
     scaler.update()
 
 
-def train_one_epoch(state, data: ImageSet, setup: TrainSetup) -> dict[str, float]:
-    """One pass over the training set (state: training.state.TrainState): loss, accuracy and images/s."""
+def train_one_epoch(state, data: ImageSet, setup: TrainSetup, stop=None) -> dict[str, float] | None:
+    """One pass over the training set (state: training.state.TrainState): loss, accuracy and images/s.
+
+    stop(): asked after every step (one process only; under DDP the ranks stop together at the epoch's end): when it
+    says so, the epoch ends there and None is returned, with the step reached, the epoch's data order and its sums so
+    far in the state, so that a checkpoint of it resumes at the very next step (state.step_in_epoch)."""
     cfg, dist, device = setup.cfg, setup.dist, setup.device
     train_mode(state.net, cfg)
+    start = state.step_in_epoch
+    if start:  # resuming inside an epoch: the same batches again, from the step it reached
+        state.order_gen.set_state(state.epoch_order)
+    else:
+        state.epoch_order = state.order_gen.get_state()
     seen, loss_sum, correct = 0, torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    if start:
+        seen, loss_sum, correct = int(state.partial[0]), loss_sum + state.partial[1], correct + int(state.partial[2])
     t0 = time.perf_counter()
     global_batch = state.batch_size * dist.world
     batches = list(iterate(len(data), global_batch, shuffle=True, generator=state.order_gen,
                            drop_last=len(data) >= global_batch, weights=setup.sample_weights))
-    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}/{state.epochs}", unit="batch", leave=False,
+    bar = tqdm(batches[start:], desc=f"epoch {state.epoch + 1}/{state.epochs}", unit="batch", leave=False,
                disable=not (live_bars(cfg.progress) and dist.main), file=sys.stderr)
-    for idx in bar:
+    for step, idx in enumerate(bar, start + 1):
         x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
                               cfg.crop_scale, cfg.flips, cfg.crop)
         x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, state.aug_gen)
@@ -134,6 +145,11 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup) -> dict[str, float
         correct += (logits.argmax(1) == y).sum()
         if bar.disable is False:
             bar.set_postfix(img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
+        if stop is not None and dist.world == 1 and step < len(batches) and stop():
+            state.step_in_epoch, state.partial = step, (seen, float(loss_sum), int(correct))
+            bar.close()
+            return None
+    state.step_in_epoch, state.partial = 0, (0, 0.0, 0)
     dt = time.perf_counter() - t0
     return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": int(correct) / max(seen, 1),
             "images_per_s": seen * dist.world / dt if dt else 0.0}

@@ -142,7 +142,7 @@ def auto_batch_size(model: torch.nn.Module, spec, device: torch.device, amp, n_t
     gets a few hundred steps), between 32 and 512; one forward and backward pass at that size checks it fits (and
     it is halved until it does). That pass has the shape of every later training step, so it adds no kernel choice:
     on an H200, trying 32 and then 64 before training cost 34 s of a 69 s ELPV run (BENCHMARKS.md, GPU). An epoch
-    that still runs out of memory is rerun at half the batch (fit.rerun_smaller)."""
+    that still runs out of memory is rerun at half the batch (budget.rerun_smaller)."""
     if device.type != "cuda":
         return 32
     b = max(32, min(512, 1 << max(0, (n_train // 16).bit_length() - 1)))

@@ -55,6 +55,9 @@ class TrainState:
     probe: dict[str, Any] = field(default_factory=dict)
     lr_find: dict[str, Any] = field(default_factory=dict)
     kept: dict[str, Any] = field(default_factory=dict)  # which candidate the run keeps, and why (fit.choose_kept)
+    step_in_epoch: int = 0  # steps of the current epoch already taken (a stop inside an epoch; 0 between epochs)
+    epoch_order: torch.Tensor | None = None  # the data-order generator's state at the current epoch's start
+    partial: tuple = (0, 0.0, 0)  # the current epoch's images, loss sum and correct answers so far
 
     @property
     def judged(self) -> torch.nn.Module:
@@ -83,6 +86,8 @@ class TrainState:
             "probe": json.dumps(self.probe), "lr_find": json.dumps(self.lr_find),
             "ema": cpu_copy(self.ema.module.state_dict()) if self.ema is not None else {},
             "data_fingerprint": fingerprint,
+            "step_in_epoch": self.step_in_epoch, "partial": json.dumps(list(self.partial)),
+            "epoch_order": self.epoch_order if self.epoch_order is not None else torch.zeros(0, dtype=torch.uint8),
         }
 
     def restore(self, ckpt: dict[str, Any], dist: Dist) -> None:
@@ -104,6 +109,10 @@ class TrainState:
         self.best_state = ckpt["best_state"] or None
         self.best_epoch, self.stale = int(ckpt["best_epoch"]), int(ckpt["stale"])
         self.probe, self.lr_find = json.loads(ckpt["probe"]), json.loads(ckpt["lr_find"])
+        self.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
+        self.partial = tuple(json.loads(ckpt.get("partial", "[0, 0.0, 0]")))
+        order = ckpt.get("epoch_order")
+        self.epoch_order = order if order is not None and order.numel() else None
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -115,6 +124,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, read-only: say where, and that the last good checkpoint is intact
+        kept = f"; {path} still holds the last good checkpoint" if path.is_file() else ""
+        raise OSError(e.errno, f"cannot write the checkpoint {path}: {e.strerror or e}{kept} (free space, then "
+                               "--resume)", str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -1,0 +1,45 @@
+"""The schedule fitted to what the run can afford: the epochs that fit a --time-limit, and an epoch rerun at half the
+batch after a GPU out-of-memory error, the rest of the cosine re-spread over the new number of steps."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .distributed import log
+from .loop import TrainSetup, steps_per_epoch
+from .state import TrainState
+
+
+def rerun_smaller(state: TrainState, at_start: dict[str, Any], n_train: int, setup: TrainSetup) -> None:
+    """An epoch ran out of GPU memory: back to the epoch's starting state (weights, optimizer, schedule, RNG streams),
+    half the batch, the rest of the schedule re-spread over the new number of steps."""
+    state.restore(at_start, setup.dist)
+    state.batch_size //= 2
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    spe = steps_per_epoch(n_train, state.batch_size * setup.dist.world)
+    done = state.sched.last_epoch
+    if done == 0:  # nothing trained yet: exactly the schedule a run at this batch size would have
+        state.shape.warmup = int(setup.cfg.warmup_epochs * spe)
+    state.shape.total = done + spe * (state.epochs - state.epoch)
+    set_lr(state)
+    log(f"out of GPU memory in epoch {state.epoch + 1}: batch size now {state.batch_size}, the epoch runs again")
+
+
+def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_train: int, setup: TrainSetup) -> None:
+    """After the first epoch: how many fit in --time-limit; the cosine is shortened to end on the last of them."""
+    left = setup.cfg.time_limit * 60 - elapsed
+    (fit_n,) = setup.dist.from_main(state.epoch + int(left // max(epoch_seconds, 1e-3)))
+    if int(fit_n) < state.epochs:
+        state.epochs = max(state.epoch, int(fit_n))
+        state.shape.total = steps_per_epoch(n_train, state.batch_size * setup.dist.world) * state.epochs
+        log(f"time limit {setup.cfg.time_limit:g} min: {state.epochs} epochs fit")
+
+
+def set_lr(state: TrainState) -> None:
+    """The optimizer's current rates from the (changed) schedule, as LambdaLR would have set them."""
+    factor = state.shape(state.sched.last_epoch)
+    for g, base in zip(state.opt.param_groups, state.sched.base_lrs):
+        g["lr"] = base * factor
+    state.sched._last_lr = [g["lr"] for g in state.opt.param_groups]
