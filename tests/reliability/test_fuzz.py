@@ -32,3 +32,32 @@ def test_a_few_hundred_mutated_files_each_end_in_an_image_or_a_problem_code():
         assert not result.startswith("crash"), (fmt, mut, result, data[:64])
         results[result] = results.get(result, 0) + 1
     assert results.get("ok", 0) > 40 and sum(v for k, v in results.items() if k != "ok") > 40, results
+
+
+def test_the_service_answers_hostile_and_mutated_files_with_4xx_and_batches_keep_their_contract(server):
+    """Every named hostile file and a hundred mutated ones through /classify (a 4xx JSON error or 200), and mixed into
+    /classify_batch with a good image: 200 for the batch, the good one answered, each bad one its own error entry."""
+    import httpx
+
+    import random
+
+    from bench.fuzz import seeds
+
+    good = seeds(random.Random(0))["png-rgb"]
+    files = [(name, make()) for name, make in NAMED.items()] + [(f"{f}-{m}", d) for f, m, d in cases(100, seed=99)]
+    with httpx.Client(timeout=120) as c:
+        for name, data in files:
+            r = c.post(f"{server.url}/classify", files={"image": (name, data, "application/octet-stream")})
+            assert r.status_code < 500, (name, r.status_code, r.text[:200])
+            if r.status_code != 200:
+                assert r.json()["error"] in PROBLEM_STATUS, (name, r.text[:200])
+        for i in range(0, len(files), 8):
+            chunk = files[i:i + 8]
+            parts = [("images", ("good.png", good, "image/png"))] + [("images", (n, d, "application/octet-stream"))
+                                                                     for n, d in chunk]
+            r = c.post(f"{server.url}/classify_batch", files=parts)
+            assert r.status_code == 200, ([n for n, _ in chunk], r.status_code, r.text[:300])
+            entries = r.json()
+            assert len(entries) == len(chunk) + 1 and "predictions" in entries[0]
+            assert all("predictions" in e or e["error"] in PROBLEM_STATUS for e in entries[1:]), entries
+    assert server.alive()
