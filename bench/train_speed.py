@@ -12,7 +12,13 @@ fixed at process start); its torch uses both cores.
   + channels_last      the model and batches in channels_last memory
   + frozen BN stats    BatchNorm running statistics fixed (pupil's default for pretrained models): a different
                        computation (no batch statistics), shown as its own row
-  pupil train          the product itself (--stages finetune): the loop of the row above, with its bookkeeping
+  + bf16 autocast      torch.autocast("cpu", bfloat16) around the forward pass (AVX512-BF16 here): the same
+                       computation at another precision (weights, optimizer and loss stay fp32)
+  + 2 stages frozen    the stem and the first 2 stages fixed (--freeze-stages 2): LESS work (no backward through
+                       the early, high-resolution layers), shown as its own row
+  pupil train (before) the product with the settings of the previous default (--amp off --freeze-stages 0), the
+                       loop of the "+ frozen BN stats" row with its bookkeeping (--stages finetune)
+  pupil train          the product with today's defaults (bf16 on this CPU, --freeze-stages as the default says)
 
     python -m bench.train_speed [--per-class 160] [--img-size 224]
 """
@@ -30,13 +36,16 @@ from pathlib import Path
 from bench.common import header, ratio, row
 
 ALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-VARIANTS = {  # name: (allocator, cache, channels_last, frozen BN)
-    "plain": (False, False, False, False),
-    "+ allocator": (True, False, False, False),
-    "+ decode cache": (True, True, False, False),
-    "+ channels_last": (True, True, True, False),
-    "+ frozen BN stats": (True, True, True, True),
+VARIANTS = {  # name: (allocator, cache, channels_last, frozen BN, bf16, frozen stages)
+    "plain": (False, False, False, False, False, 0),
+    "+ allocator": (True, False, False, False, False, 0),
+    "+ decode cache": (True, True, False, False, False, 0),
+    "+ channels_last": (True, True, True, False, False, 0),
+    "+ frozen BN stats": (True, True, True, True, False, 0),
+    "+ bf16 autocast": (True, True, True, True, True, 0),
+    "+ 2 stages frozen": (True, True, True, True, True, 2),
 }
+PUPIL = {"pupil train (before)": {"amp": "off", "freeze_stages": 0}, "pupil train": {}}
 EPOCHS = 4
 
 
@@ -60,12 +69,16 @@ def run_variant(name: str, data: str, train: list[str], args) -> list[float]:
     from models.preprocess import normalize
     from training.augment import random_resized_crop_flip
 
-    _, use_cache, channels_last, frozen_bn = VARIANTS[name]
+    from training.prepare import freeze_early
+
+    _, use_cache, channels_last, frozen_bn, bf16, frozen = VARIANTS[name]
     torch.manual_seed(0)
     model, spec = create_model("efficientnet_lite0", 2, "auto", img_size=args.img_size)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if frozen:
+        freeze_early(model, frozen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     batches = cache_batches(data, train, spec, gen) if use_cache else folder_batches(data, train, spec)
     times = []
@@ -82,7 +95,9 @@ def run_variant(name: str, data: str, train: list[str], args) -> list[float]:
                 x = random_resized_crop_flip(x.permute(0, 3, 1, 2).float(), spec.input_size, generator=gen)
                 x = normalize(x.permute(0, 2, 3, 1), spec.mean, spec.std)
             x = x.contiguous(memory_format=fmt)
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -124,13 +139,13 @@ def folder_batches(data: str, train: list[str], spec):
     return lambda: iter(dl)
 
 
-def run_pupil(data: str, args) -> list[float]:
+def run_pupil(data: str, args, settings: dict) -> list[float]:
     from training.config import TrainConfig
     from training.fit import fit
 
     with tempfile.TemporaryDirectory() as out:
         r = fit(TrainConfig(data=data, img_size=args.img_size, epochs=EPOCHS, stages="finetune", patience=0,
-                            limit_per_class=args.per_class, out=out, progress=False))
+                            limit_per_class=args.per_class, out=out, progress=False, **settings))
     return [h["images_per_s"] for h in r.history][1:]
 
 
@@ -142,13 +157,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.role:
         data, train = files(args)
-        out = run_pupil(data, args) if args.role == "pupil train" else run_variant(args.role, data, train, args)
+        out = run_pupil(data, args, PUPIL[args.role]) if args.role in PUPIL else run_variant(args.role, data, train,
+                                                                                            args)
         print(json.dumps(out))
         return
     header(f"training epoch speed: efficientnet_lite0, {args.img_size}px, batch 32, the same 320 ELPV images")
     results = {}
-    for name in [*VARIANTS, "pupil train"]:
-        alloc = name == "pupil train" or VARIANTS[name][0]
+    for name in [*VARIANTS, *PUPIL]:
+        alloc = name in PUPIL or VARIANTS[name][0]
         env = {**os.environ, **ALLOC} if alloc else {k: v for k, v in os.environ.items() if k not in ALLOC}
         cmd = [sys.executable, "-m", "bench.train_speed", "--per-class", str(args.per_class), "--img-size",
                str(args.img_size), "--role", name]
@@ -158,6 +174,7 @@ def main() -> None:
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(row(name, results[name], "img/s", 22), flush=True)
     print(ratio("pupil train / plain loop", results["pupil train"], results["plain"]))
+    print(ratio("pupil train / pupil train (before)", results["pupil train"], results["pupil train (before)"]))
     names = list(VARIANTS)
     for before, after in zip(names, names[1:]):
         print(ratio(f"  {after} (over the row above)", results[after], results[before]))

@@ -271,15 +271,15 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     del finite
     unit = mode == "F" and lo >= 0 and hi <= 1.0
     wide = a.dtype.kind in "iu" and a.dtype.itemsize >= 4  # 32-bit integers: float64 keeps their differences
-    for r in range(0, len(a), rows):
-        s = a[r:r + rows].astype(np.float64 if wide else np.float32)
-        if unit:
-            s *= 255.0
-        elif hi > lo:
-            s = (s - lo) / (hi - lo) * 255.0
-        else:
-            s[:] = 0
-        out[r:r + rows] = np.nan_to_num(np.rint(s), nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255)
+    scale = 255.0 / (hi - lo) if hi > lo and np.isfinite(hi - lo) else 0.0  # in float64: hi - lo may overflow float32
+    with np.errstate(all="ignore"):  # hostile values (3e38, -3e38) are clipped below, not warned about per strip
+        for r in range(0, len(a), rows):
+            s = a[r:r + rows].astype(np.float64 if wide else np.float32)
+            if unit:
+                s *= 255.0
+            else:
+                s = (s - np.float64(lo)) * scale
+            out[r:r + rows] = np.nan_to_num(np.rint(s), nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255)
     return out
 
 
