@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
+from models.images import DEFAULT_MAX_PIXELS
 from models.runtime import ensure_allocator_env
 
 from .commands import (cmd_build, cmd_check, cmd_compare, cmd_demo, cmd_evaluate, cmd_export, cmd_lr_find, cmd_predict,
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "trainable")
     c.add_argument("data")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
-    c.add_argument("--max-pixels", type=int, default=50_000_000)
+    c.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images over this many pixels are reported as too_many_pixels")
     c.add_argument("--val-split", type=float, default=0.2, help="the validation fraction training would split off")
     c.add_argument("--label-issues", action="store_true",
                    help="also find likely label errors (the default backbone's features, out-of-fold probes, confident "

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from models.images import DEFAULT_MAX_PIXELS
+
 MB = 1024 * 1024
 
 
@@ -66,7 +68,7 @@ class Settings:
     max_bytes: int = 20 * MB
     max_request_bytes: int = 64 * MB
     max_inflight_bytes: int = 256 * MB
-    max_pixels: int = 50_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_files: int = 64
     device: str = "auto"
     backend: str = "auto"
@@ -103,7 +105,7 @@ class Settings:
             max_bytes=num("PUPIL_MAX_BYTES", 20 * MB),
             max_request_bytes=int(num("PUPIL_MAX_REQUEST_MB", 64.0, float) * MB),
             max_inflight_bytes=int(num("PUPIL_MAX_INFLIGHT_MB", 256.0, float) * MB),
-            max_pixels=num("PUPIL_MAX_PIXELS", 50_000_000),
+            max_pixels=num("PUPIL_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_files=max(1, num("PUPIL_MAX_FILES", 64)),
             device=device,
             backend=env.get("PUPIL_BACKEND", "auto"),

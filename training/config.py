@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from models.images import DEFAULT_MAX_PIXELS
+
 
 def opt(default: Any, help: str, **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
@@ -119,7 +121,7 @@ class TrainConfig:
     out: str = opt("", "run directory (default runs/<model>-<time>)")
     resume: bool = opt(False, "continue the run in --out from its last.pt (same settings, same result)")
     cache_dir: str = opt("", "decode cache (default $PUPIL_CACHE or ~/.cache/pupil)")
-    max_pixels: int = opt(50_000_000, "images over this many pixels are skipped as too_many_pixels")
+    max_pixels: int = opt(DEFAULT_MAX_PIXELS, "images over this many pixels are skipped as too_many_pixels")
     limit_per_class: int = opt(0, "use at most N training images per class (0: all), for quick trials")
     width: int = opt(32, "small_cnn only: channels of the first stage")
     depth: int = opt(4, "small_cnn only: number of conv-conv-maxpool stages")
