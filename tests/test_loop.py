@@ -41,7 +41,10 @@ def test_one_line_per_epoch_when_stderr_is_not_a_terminal(shapes_dir, tiny_confi
     line per epoch with the bar's figures."""
     from training.fit import fit
 
-    fit(tiny_config(shapes_dir, epochs=3, progress=True, patience=0))
+    r = fit(tiny_config(shapes_dir, epochs=3, progress=True, patience=0))
+    # the seam bench/gpu.py times epochs by: each row's training span, in order
+    spans = [(h["t_start"], h["t_end"]) for h in r.history]
+    assert all(a < b for a, b in spans) and all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
     err = capfd.readouterr().err
     assert "\r" not in err and "batch/s" not in err and "it/s" not in err
     lines = [line for line in err.splitlines() if line.startswith("epoch ")]

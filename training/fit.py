@@ -215,7 +215,7 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
                 + f"{row['images_per_s']:.0f} img/s")
             if writer is not None:
                 for k, v in row.items():
-                    if k != "epoch":
+                    if k not in ("epoch", "t_start", "t_end"):
                         writer.add_scalar(k, v, epoch)
                 writer.flush()
             if cfg.time_limit and len(state.history) == 1:
