@@ -1,7 +1,8 @@
 """Architectures, pretrained weights, the artifact format and the one inference path (shared by training and service).
 
 Names are imported on first use, so `import models.images` or the CPU service's `models.predictor` never pulls in
-torch: the CPU container has no torch.
+torch: the CPU container has no torch. This package face is for users, tests and benchmarks; pupil's own code
+imports from the module itself (`from models.artifact import save_artifact`), so every arrow shows in an import map.
 """
 from importlib import import_module
 

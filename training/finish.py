@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import save_artifact
+from models.artifact import save_artifact
 from models.runtime import amp_dtype, amp_name
 
 from .config import TrainConfig

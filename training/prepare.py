@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import create_model
+from models.factory import create_model
 from models.runtime import amp_dtype, amp_name, autocast, pick_device
 
 from .augment import make_policy
