@@ -39,14 +39,12 @@ class FieldLog:
         self.used = sum(f.stat().st_size for f in (self.folder / "images").rglob("*") if f.is_file())
 
     @classmethod
-    def from_env(cls) -> "FieldLog | None":
-        folder = os.environ.get("PUPIL_FIELD_LOG")
-        if not folder:
+    def from_settings(cls, s) -> "FieldLog | None":
+        """The field log the service's Settings (the environment, read once) ask for, or None."""
+        if not s.field_log:
             return None
-        below = os.environ.get("PUPIL_FIELD_LOG_BELOW")
-        return cls(folder, images=os.environ.get("PUPIL_FIELD_LOG_IMAGES", "0") not in ("0", "", "false"),
-                   below=float(below) if below else None, max_mb=float(os.environ.get("PUPIL_FIELD_LOG_MAX_MB", 500)),
-                   rotate_mb=float(os.environ.get("PUPIL_FIELD_LOG_ROTATE_MB", 10)))
+        return cls(s.field_log, images=s.field_log_images, below=s.field_log_below, max_mb=s.field_log_max_mb,
+                   rotate_mb=s.field_log_rotate_mb)
 
     def wants(self, answer: dict[str, Any]) -> bool:
         top = answer["predictions"][0]["score"]

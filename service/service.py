@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from models.explain import ExplainUnavailable
-from models.images import PROBLEM_STATUS, ImageError
+from models.images import ImageError
 from models.predictor import Predictor
 
 from .batcher import Batcher
@@ -136,7 +136,7 @@ class ImageClassifier:
         self.predictor.warm_up(s.max_batch)
         self.batcher = Batcher(self.predictor.stacked_probabilities, max_batch=s.max_batch,
                                wait_ms=s.batch_wait_ms) if s.batching else None
-        self.field_log = FieldLog.from_env()
+        self.field_log = FieldLog.from_settings(SETTINGS)
         logger.info("pupil: loaded %s (%s, %s) in %.1fs", s.model_tag, a.spec.architecture, self.predictor.backend,
                     time.perf_counter() - t0)
 
@@ -155,7 +155,7 @@ class ImageClassifier:
         try:
             array = self.predictor.load(image.data)
         except ImageError as e:
-            return Problem(e.status, e.problem, e.detail).response()
+            return Problem.of(e).response()
         probs = self.batcher(array) if self.batcher else self.predictor.probabilities(array[None])[0]
         return JSONResponse(self._answer(probs, image, top_k, threshold))
 
@@ -170,7 +170,7 @@ class ImageClassifier:
         results: list[dict[str, Any]] = [u.problem.entry() if u.problem else {} for u in images]
         for i, out in zip(good, outputs):
             if isinstance(out, ImageError):
-                results[i] = Problem(PROBLEM_STATUS[out.problem], out.problem, out.detail).entry()
+                results[i] = Problem.of(out).entry()
             else:
                 probs = self.predictor.calibrated(out)
                 results[i] = self._answer(probs, images[i], top_k, threshold)
@@ -191,7 +191,7 @@ class ImageClassifier:
             return Problem(400, "unknown_label", f"{label!r} is not one of the model's classes: "
                                                  f"{self.predictor.labels}").response()
         except ImageError as e:
-            return Problem(e.status, e.problem, e.detail).response()
+            return Problem.of(e).response()
         except ExplainUnavailable as e:
             return Problem(501, "explain_unavailable", str(e)).response()
         return Response(ex.png(), media_type="image/png",

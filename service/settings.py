@@ -81,6 +81,12 @@ class Settings:
     tta: bool = False
     amp: str = "auto"
     workers: int = 1
+    field_log: str = ""  # PUPIL_FIELD_LOG: a folder to log unsure requests in ("" off); the rest: service/field_log.py
+    field_log_images: bool = False
+    field_log_below: float | None = None
+    field_log_max_mb: float = 500.0
+    field_log_rotate_mb: float = 10.0
+    model_name: str = "pupil"  # PUPIL_MODEL_NAME: the BentoML model name artifacts are imported under
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -118,6 +124,12 @@ class Settings:
             tta=env.get("PUPIL_TTA", "0") not in ("", "0", "false"),
             amp=env.get("PUPIL_AMP", "auto"),
             workers=max(1, num("PUPIL_WORKERS", 1)),
+            field_log=env.get("PUPIL_FIELD_LOG", ""),
+            field_log_images=env.get("PUPIL_FIELD_LOG_IMAGES", "0") not in ("0", "", "false"),
+            field_log_below=num("PUPIL_FIELD_LOG_BELOW", None, float),
+            field_log_max_mb=num("PUPIL_FIELD_LOG_MAX_MB", 500.0, float),
+            field_log_rotate_mb=num("PUPIL_FIELD_LOG_ROTATE_MB", 10.0, float),
+            model_name=env.get("PUPIL_MODEL_NAME") or "pupil",
         )
 
 

@@ -37,6 +37,11 @@ class Problem:
     def entry(self) -> dict[str, Any]:
         return {"error": self.error, "detail": self.detail, "status": self.status}
 
+    @classmethod
+    def of(cls, e) -> "Problem":
+        """The problem of a file that is not a usable image (models.images.ImageError): its code and status."""
+        return cls(e.status, e.problem, e.detail)
+
 
 class Upload:
     """One uploaded file: its bytes and name, or the problem that kept it out. In the API schema it is a file, so
