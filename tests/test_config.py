@@ -46,3 +46,24 @@ def test_number_or_word_flags_and_choices():
         TrainConfig(data="d", crop_scale=0).resolved()
     with pytest.raises(ValueError, match="--balance"):
         TrainConfig(data="d", balance="magic").resolved()
+
+
+def test_a_preset_fills_only_what_was_not_given(tmp_path):
+    import yaml
+
+    from pupil.commands import config_from_args
+
+    parse = build_parser().parse_args
+    fast = config_from_args(parse(["train", "d", "--preset", "fast"]))
+    assert fast.stages == "probe" and fast.preset == "fast"
+    best = config_from_args(parse(["train", "d", "--preset", "best", "--epochs", "3"]))
+    assert best.model == "efficientnet_lite2" and best.time_limit == 60.0 and best.epochs == 3  # the flag wins
+    plain = config_from_args(parse(["train", "d"]))
+    assert plain.model == TrainConfig().model and plain.stages == TrainConfig().stages
+    # a saved config.yaml holds every value, so reading it back under its preset changes nothing
+    best.save(tmp_path / "c.yaml")
+    again = TrainConfig.from_file(tmp_path / "c.yaml")
+    assert again.epochs == 3 and again.model == "efficientnet_lite2"
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["preset"] == "best"
+    with pytest.raises(SystemExit):
+        parse(["train", "d", "--preset", "slow"])
