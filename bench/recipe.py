@@ -67,6 +67,8 @@ CANDIDATES: dict[str, list[str]] = {
     "probe-0.875": ["--stages", "probe", "--eval-crop", "0.875"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
+# each candidate is paired with the baseline of its kind: fine-tunes with "today", probes with the previous crop's probe
+BASELINE = {"probe": "probe-0.875"}
 
 
 def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
@@ -104,8 +106,8 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
     validation splits (mean +- standard error over the pairs)."""
     tasks = sorted({t for t, _, _ in rows}, key=lambda t: list(rows).index(next(k for k in rows if k[0] == t)))
     cands = [c for c in CANDIDATES if any(k[1] == c for k in rows)]
-    lines = [f"| task | candidate | seeds | validation {metric.removeprefix('val_')} (mean ± sd) | minus today "
-             "(paired, mean ± se) | wall s (mean) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| task | candidate | seeds | validation {metric.removeprefix('val_')} (mean ± sd) | minus its baseline "
+             "(paired over seeds, mean ± se) | wall s (mean) |", "| --- | --- | --- | --- | --- | --- |"]
     for task in tasks:
         for c in cands:
             ok = {s: r for (t, cc, s), r in rows.items() if t == task and cc == c and metric in r}
@@ -113,11 +115,12 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
                 continue
             vals = [r[metric] for r in ok.values()]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            pairs = [r[metric] - rows[(task, "today", s)][metric] for s, r in ok.items()
-                     if c != "today" and metric in rows.get((task, "today", s), {})]
+            base = BASELINE.get(c, "today")
+            pairs = [r[metric] - rows[(task, base, s)][metric] for s, r in ok.items()
+                     if c not in (base, "probe-0.875") and metric in rows.get((task, base, s), {})]
             if pairs:
-                se = statistics.stdev(pairs) / math.sqrt(len(pairs)) if len(pairs) > 1 else float("nan")
-                diff = f"{100 * statistics.mean(pairs):+.1f} ± {100 * se:.1f} pts ({len(pairs)} pairs)"
+                se = f"{100 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1f}" if len(pairs) > 1 else "(one seed: none)"
+                diff = f"{100 * statistics.mean(pairs):+.1f} ± {se} pts vs {base} ({len(pairs)} pairs)"
             else:
                 diff = ""
             wall = statistics.mean(r["wall_s"] for r in ok.values())

@@ -16,8 +16,9 @@ fixed at process start); its torch uses both cores.
                        computation at another precision (weights, optimizer and loss stay fp32)
   + 2 stages frozen    the stem and the first 2 stages fixed (--freeze-stages 2): LESS work (no backward through
                        the early, high-resolution layers), shown as its own row
-  pupil train (before) the product with the settings of the previous default (--amp off --freeze-stages 0), the
-                       loop of the "+ frozen BN stats" row with its bookkeeping (--stages finetune)
+  pupil train (before) the product with the previous default's precision and layers (--amp off --freeze-stages 0;
+                       its crop, evaluation crop and rates are today's), the loop of the "+ frozen BN stats" row with
+                       its bookkeeping (--stages finetune)
   pupil train          the product with today's defaults (bf16 on this CPU, --freeze-stages as the default says)
 
     python -m bench.train_speed [--per-class 160] [--img-size 224]

@@ -68,8 +68,9 @@ def amp_dtype(device, mode: str = "auto", training: bool = False):
     auto: bf16 on CUDA (fp16 where bf16 is not supported). On a CPU, fp32 for serving and evaluation (the answers
     the artifact's users get, and what ONNX Runtime matches); with training=True, bf16 where the CPU has native
     bf16 (cpu_has_bf16): measured on an AVX512-BF16 EPYC, efficientnet_lite0 inference 1.9x faster (115 -> 219
-    img/s, batch 64), training steps 1.0x with every layer learning and 1.3x with the early stages frozen
-    (BENCHMARKS.md, train speed). Training's final calibration and test run in fp32 (training.fit.finish)."""
+    img/s, batch 64: the probe's features and each epoch's validation), training steps 0.86x with every layer
+    learning (BENCHMARKS.md, training speed) and about even with the stem and 2 stages frozen, the default.
+    Training's final calibration and test run in fp32 (training.finish)."""
     import torch
 
     if mode == "off":
