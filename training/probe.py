@@ -48,12 +48,13 @@ def probe_features(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup
 
 
 def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: TrainSetup,
-                 features: tuple | None = None) -> dict[str, Any]:
+                 features: tuple | None = None, feature_seconds: float | None = None) -> dict[str, Any]:
     """Fit model's head on frozen features (probe_features, or computed here); the head with the lowest validation
     loss is kept. Returns its record. With --flips auto it also settles the flips (choose_flips)."""
     t0 = time.perf_counter()
     x_train, y_train, x_val, y_val = features or probe_features(model, train, val, setup)
-    t_feat = time.perf_counter() - t0
+    t_feat = time.perf_counter() - t0 if feature_seconds is None else feature_seconds
+    t0 = time.perf_counter() - t_feat  # head_seconds below: the time since the features were ready
 
     head = copy.deepcopy(model.get_classifier()).float().cpu()
     best = fit_head(head, x_train, y_train, x_val, y_val, setup)
@@ -80,8 +81,7 @@ def probe_stage(prep, setup: TrainSetup, run_dir) -> dict[str, Any]:
     issues = None
     if setup.cfg.label_issues and len(prep.val) and len(prep.classes) > 1:
         issues, features = review_labels(prep, features, setup, run_dir)
-    out = linear_probe(prep.model, prep.train, prep.val, setup, features)
-    out["feature_seconds"], out["images_per_s"] = t_feat, len(prep.train) / t_feat if t_feat else 0.0
+    out = linear_probe(prep.model, prep.train, prep.val, setup, features, feature_seconds=t_feat)
     if issues is not None:
         out["label_issues"] = issues
     return out
