@@ -1,6 +1,6 @@
 """SIGTERM and Ctrl-C during training: the run stops after the step it is in, writes a checkpoint of exactly that
 point, and exits with 143 (SIGTERM) or 130 (SIGINT), saying how to resume. The resumed run ends with the weights an
-uninterrupted one has (tests/test_fit.py). A second signal stops at once (the last epoch's checkpoint stays)."""
+uninterrupted one has (tests/reliability/test_training_faults.py). A second signal stops at once (the last epoch's checkpoint stays)."""
 from __future__ import annotations
 
 import signal
@@ -59,6 +59,7 @@ def run_lock(run_dir, main: bool = True) -> Iterator[None]:
         yield
         return
     path = Path(run_dir) / LOCK
+    created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
@@ -81,6 +82,8 @@ def run_lock(run_dir, main: bool = True) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+        if created and not any(path.parent.iterdir()):  # a run that failed before writing anything leaves no folder
+            path.parent.rmdir()
 
 
 class RunInUse(OSError):

@@ -118,3 +118,9 @@ def test_a_second_train_into_a_live_runs_folder_is_refused_and_a_stale_lock_is_t
         sleeper.wait()
     assert main(["train", str(shapes_dir), *FLAGS, "--epochs", "1", "--out", str(run)]) == 0  # the owner is gone
     assert "stale lock" in capsys.readouterr().err and not (run / ".pupil-train.lock").exists()
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path, capsys):
+    run = tmp_path / "never"
+    assert main(["train", str(tmp_path / "no-such-data"), *FLAGS, "--out", str(run)]) == 2
+    assert not run.exists()
