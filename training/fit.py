@@ -128,7 +128,7 @@ def find_lr(prep: Prepared, setup: TrainSetup, run_dir: Path) -> dict[str, Any]:
 
 
 def new_state(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, probe: dict, lr_found: dict) -> TrainState:
-    """Optimizer (AdamW, backbone at a tenth of the head's rate), warm-up + cosine schedule, loss scaler, the data
+    """Optimizer (AdamW, backbone at --backbone-lr of the head's rate), warm-up + cosine schedule, loss scaler, the data
     order and augmentation streams (one per rank), the weight EMA: the fine-tune's state at epoch 0."""
     cfg, dist, device = setup.cfg, setup.dist, setup.device
     net: torch.nn.Module = model
