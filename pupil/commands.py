@@ -310,7 +310,7 @@ def check_label_issues(args: argparse.Namespace) -> dict:
     import tempfile
 
     from training.config import TrainConfig
-    from training.label_issues import find_label_issues, write_csv
+    from training.label_issues import issues_of_run, write_csv
     from training.prepare import start
     from training.probe import probe_features
 
@@ -319,12 +319,7 @@ def check_label_issues(args: argparse.Namespace) -> dict:
                       val_split=args.val_split, max_pixels=args.max_pixels, progress=False,
                       out=tempfile.mkdtemp(prefix="pupil-check-"))
     setup, prep = start(cfg)
-    x_train, y_train, x_val, y_val = probe_features(prep.model, prep.train, prep.val, setup)
-    import torch
-
-    x, y = (torch.cat([a, b]) if b is not None else a for a, b in ((x_train, x_val), (y_train, y_val)))
-    found = find_label_issues(x, y, prep.classes, list(prep.train.paths) + list(prep.val.paths),
-                              ["train"] * len(y_train) + ["val"] * (len(y) - len(y_train)), seed=cfg.seed)
+    found = issues_of_run(prep, probe_features(prep.model, prep.train, prep.val, setup), cfg.seed)
     csv_path = Path(args.label_issues_csv or "label_issues.csv")
     write_csv(csv_path, found)
     return {**found, "csv": str(csv_path)}

@@ -94,6 +94,18 @@ def write_csv(path: Path, found: dict[str, Any]) -> None:
 GALLERY = 24  # thumbnails in the report
 
 
+def issues_of_run(prep, features: tuple, seed: int = 0) -> dict[str, Any]:
+    """find_label_issues over a prepared run's training and validation images, from their probe features
+    (x_train, y_train, x_val, y_val): what `pupil train` and `pupil check --label-issues` both report."""
+    x_train, y_train, x_val, y_val = features
+    n_train = len(y_train)
+    x = torch.cat([x_train, x_val]) if x_val is not None else x_train
+    y = torch.cat([y_train, y_val]) if y_val is not None else y_train
+    paths = list(prep.train.paths) + (list(prep.val.paths) if x_val is not None else [])
+    splits = ["train"] * n_train + ["val"] * (len(y) - n_train)
+    return find_label_issues(x, y, prep.classes, paths, splits, seed=seed)
+
+
 def review_labels(prep, features: tuple, setup, run_dir: Path) -> tuple[dict[str, Any], tuple]:
     """Likely label errors among the training and validation images, from the probe's features: label_issues.csv
     and thumbnails in the run; with --drop-label-issues the flagged training images are left out of training (never
@@ -103,13 +115,7 @@ def review_labels(prep, features: tuple, setup, run_dir: Path) -> tuple[dict[str
 
     from .distributed import log
 
-    x_train, y_train, x_val, y_val = features
-    n_train = len(y_train)
-    x = torch.cat([x_train, x_val]) if x_val is not None else x_train
-    y = torch.cat([y_train, y_val]) if y_val is not None else y_train
-    paths = list(prep.train.paths) + (list(prep.val.paths) if x_val is not None else [])
-    splits = ["train"] * n_train + ["val"] * (len(y) - n_train)
-    found = find_label_issues(x, y, prep.classes, paths, splits, seed=setup.cfg.seed)
+    found = issues_of_run(prep, features, setup.cfg.seed)
     where = {p: (prep.train, i) for i, p in enumerate(prep.train.paths)}
     where.update({p: (prep.val, i) for i, p in enumerate(prep.val.paths)})
     record = {k: found[k] for k in ("images", "folds", "flagged", "oof_accuracy")}
