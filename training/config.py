@@ -91,6 +91,12 @@ class TrainConfig:
                                   "learns at --lr)")
     freeze_stages: int = opt(2, "pretrained models: keep the stem and the first N stages fixed (no gradient, less "
                                 "backward work; 0: train every layer)")
+    cached_views: int = opt(0, "compute the frozen layers (--freeze-stages) once for N augmented views of each "
+                               "training image, cycled over the epochs, and train the rest from them (faster epochs; "
+                               "fewer views than epochs is a different augmentation: BENCHMARKS.md, Cached views); "
+                               "0: recompute them every step")
+    view_cache_gb: float = opt(8.0, "the most disk the cached views' folder (in --cache-dir) may take; the least "
+                                    "recently used go first, and a run whose views do not fit takes fewer")
     flips: str = opt("auto", "auto: decided on validation by the probe (d8 if turning the training images "
                              "does not hurt its validation loss, else h; h without a probe) | h: horizontal flips | "
                              "hv: also vertical | d8: also 90-degree rotations (all 8 symmetries of a square; for "
@@ -151,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"--backbone-lr is a fraction of --lr in [0, 1], not {c.backbone_lr}")
         if c.freeze_stages < 0:
             raise ValueError(f"--freeze-stages is a number of stages, 0 or more, not {c.freeze_stages}")
+        if c.cached_views < 0 or c.view_cache_gb <= 0:
+            raise ValueError("--cached-views is a number of views, 0 or more, and --view-cache-gb a positive size")
         if not 0.0 < c.crop_scale <= 1.0:
             raise ValueError(f"--crop-scale is an area fraction in (0, 1], not {c.crop_scale}")
         if self.from_scratch:

@@ -128,6 +128,7 @@ def record(state: TrainState, prep: Prepared, setup: TrainSetup, cal: Calibratio
         "skipped": [{"path": f.path, "problem": f.problem, "detail": f.detail} for f in prep.skipped],
         "wall_time_s": time.perf_counter() - t_start,
         "phases": phases,
+        "cached_views": setup.views.info() if setup.views is not None else None,
         "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "data_fingerprint": prep.manifest.fingerprint(),

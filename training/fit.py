@@ -38,6 +38,8 @@ from .probe import probe_stage
 from .select import choose_kept, score_of
 from .state import TrainState, load_checkpoint, save_checkpoint
 from .tuning import lr_range_test, plot_lr_find
+from .views import build as build_views
+from .views import evaluate_cached, why_not
 
 
 # ------------------------------------------------------------------------------------------------------ the recipe
@@ -83,6 +85,9 @@ def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
         log(f"resumed from {ckpt_path} after epoch {state.epoch}")
     elif "val_loss" in probe:  # the probed model is epoch 0: a fine-tune that never beats it does not replace it
         state.keep_if_best((probe[setup.score_key], -probe["val_loss"]), 0)
+    if finetunes(cfg) and cfg.cached_views:
+        setup.views = cached_views(prep, setup)
+        phases["views_s"] = time.perf_counter() - t_start - sum(phases.values())
     if finetunes(cfg):
         with stop_signals() as stopped:
             train_epochs(state, prep, setup, ckpt_path, t_start, stopped)
@@ -113,6 +118,18 @@ def read_resume(cfg: TrainConfig, ckpt_path: Path, manifest: Manifest) -> dict[s
     if ckpt.get("data_fingerprint") != manifest.fingerprint():
         raise DataError(f"--resume: {ckpt_path} was trained on different data or another split")
     return ckpt
+
+
+def cached_views(prep: Prepared, setup: TrainSetup):
+    """--cached-views: the frozen trunk's activations of the training views (and validation crops), or None with a
+    log line where this run cannot take that path."""
+    reason = why_not(setup.cfg, setup.dist.world)
+    if reason:
+        log(f"--cached-views: not used ({reason}); the frozen layers are recomputed every step")
+        return None
+    cfg = setup.cfg
+    return build_views(prep.model, prep.train, prep.val, setup, cfg.cached_views, cfg.view_cache_gb,
+                       Path(cfg.cache_dir) if cfg.cache_dir else None)
 
 
 def find_lr(prep: Prepared, setup: TrainSetup, run_dir: Path) -> dict[str, Any]:
@@ -181,7 +198,9 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
                 rerun_smaller(state, at_start, len(prep.train), setup)
                 at_start = state.snapshot(dist)
                 continue
-            if len(prep.val):
+            if setup.views is not None and setup.views.val is not None:
+                row.update(evaluate_cached(setup.views, state.judged, setup))
+            elif len(prep.val):
                 row.update(evaluate(state.judged, prep.val, setup))
             # best = highest validation accuracy (macro-F1 on imbalanced data), ties broken by the lower loss. The
             # probe (epoch 0) can be the best, but early stopping measures the fine-tune against itself: its first

@@ -39,6 +39,7 @@ class TrainSetup:
     select_by: str = "accuracy"  # or macro_f1, on imbalanced data
     policy: Any = None  # the augmentation policy (--augment), or None
     balance: str = "none"  # the imbalance remedy in use (--balance, auto resolved)
+    views: Any = None  # training.views.CachedViews: the frozen trunk's activations (--cached-views), or None
 
     @property
     def score_key(self) -> str:
@@ -126,11 +127,16 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup, stop=None) -> dict
     bar = tqdm(batches[start:], desc=f"epoch {state.epoch + 1}/{state.epochs}", unit="batch", leave=False,
                disable=not (live_bars(cfg.progress) and dist.main), file=sys.stderr)
     for step, idx in enumerate(bar, start + 1):
-        x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
-                              cfg.crop_scale, cfg.flips, cfg.crop)
+        if setup.views is not None:  # the frozen trunk's cached output for this epoch's views; the tail trains
+            x, y = setup.views.batch(idx, state.epoch, device)
+            net = setup.views.tail
+        else:
+            x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
+                                  cfg.crop_scale, cfg.flips, cfg.crop)
+            net = state.net
         x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, state.aug_gen)
         with autocast(device, setup.amp):
-            logits = state.net(x)
+            logits = net(x)
             loss = F.cross_entropy(logits.float(), y, weight=setup.class_weights, label_smoothing=cfg.label_smoothing)
             if lam < 1.0:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=setup.class_weights,
@@ -199,6 +205,9 @@ def predict_logits(model, data: ImageSet, setup: TrainSetup, batch_size: int | N
 
 def evaluate(model, data: ImageSet, setup: TrainSetup) -> dict[str, float]:
     """Validation loss, accuracy and macro-F1 of the centre crops."""
-    logits, y = predict_logits(model, data, setup)
+    return metrics_of(*predict_logits(model, data, setup), setup)
+
+
+def metrics_of(logits: torch.Tensor, y: torch.Tensor, setup: TrainSetup) -> dict[str, float]:
     m = classification_metrics(torch.softmax(logits, -1).numpy(), y.numpy(), setup.classes)
     return {"val_loss": float(F.cross_entropy(logits, y)), "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}

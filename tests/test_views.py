@@ -1,0 +1,143 @@
+"""Cached views (training/views.py): the frozen trunk computed once per image and view, the rest trained from it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_shapes_folder
+from training.config import TrainConfig
+from training.fit import fit
+
+LITE = dict(model="efficientnet_lite0", img_size=64, batch_size=8, progress=False, workers=1, device="cpu",
+            label_issues=False, stages="finetune", freeze_stages=2)
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_trunk_then_tail_is_the_whole_model():
+    from models import create_model
+    from training.prepare import freeze_early
+    from training.views import Tail, trunk_of
+
+    model, _ = create_model("efficientnet_lite0", 3, "auto", img_size=64)
+    assert trunk_of(model, 2) is None  # nothing frozen yet: no trunk to cache
+    freeze_early(model, 2)
+    model.eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        whole = model(x)
+        split = Tail(model, 2)(trunk_of(model, 2)(x))
+    torch.testing.assert_close(split, whole)
+    assert trunk_of(model, 3) is None  # stage 2 still learns: a trunk of 3 stages is not frozen
+
+
+def test_cached_views_train_the_tail_and_a_second_recipe_reuses_them(tmp_path, capfd):
+    data = make_shapes_folder(tmp_path / "data", n=20)
+    cache = tmp_path / "cache"
+    a = fit(TrainConfig(data=str(data), epochs=3, cached_views=2, cache_dir=str(cache), out=str(tmp_path / "a"),
+                        **LITE))
+    info = a.metrics["cached_views"]
+    assert info["views"] == 2 and info["frozen_stages"] == 2 and not info["hit"]
+    files = list((cache / "views").glob("*.bin"))
+    assert len(files) == 1 and files[0].stat().st_size == info["bytes"] > 0
+    assert "cached views: 2 augmented views of" in capfd.readouterr().err
+    assert a.metrics["val"]["accuracy"] > 0.7  # it learns (chance 0.5)
+    assert [h["epoch"] for h in a.history] == [1, 2, 3]
+
+    # another tail recipe on the same training images: nothing recomputed, and the frozen trunk never changed
+    b = fit(TrainConfig(data=str(data), epochs=3, cached_views=2, cache_dir=str(cache), out=str(tmp_path / "b"),
+                        lr=3e-3, **LITE))
+    assert b.metrics["cached_views"]["hit"]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in (k for k in wa if "running_" not in k and "num_batches" not in k):  # BatchNorm statistics stay fixed
+        same = torch.equal(wa[k], wb[k])
+        assert same == k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")), k
+
+
+def test_a_run_from_reused_views_is_the_run_that_computed_them(tmp_path):
+    data = make_shapes_folder(tmp_path / "data", n=16)
+    cfg = dict(data=str(data), epochs=2, cached_views=2, cache_dir=str(tmp_path / "cache"), **LITE)
+    first = fit(TrainConfig(out=str(tmp_path / "first"), **cfg))
+    again = fit(TrainConfig(out=str(tmp_path / "again"), **cfg))
+    assert not first.metrics["cached_views"]["hit"] and again.metrics["cached_views"]["hit"]
+    wa, wb = _weights(tmp_path / "first"), _weights(tmp_path / "again")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [h["val_loss"] for h in first.history] == [h["val_loss"] for h in again.history]
+
+
+def test_validation_from_cached_activations_equals_the_ordinary_evaluation(tmp_path):
+    from training.loop import evaluate
+    from training.prepare import start
+    from training.views import build, evaluate_cached
+
+    data = make_shapes_folder(tmp_path / "data", n=16)
+    setup, prep = start(TrainConfig(data=str(data), cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "r"),
+                                    **LITE))
+    views = build(prep.model, prep.train, prep.val, setup, 1, 1.0, tmp_path / "cache")
+    assert views is not None and len(views.val) == len(prep.val)
+    ordinary, cached = evaluate(prep.model, prep.val, setup), evaluate_cached(views, prep.model, setup)
+    assert cached["val_acc"] == ordinary["val_acc"]
+    assert cached["val_loss"] == pytest.approx(ordinary["val_loss"], abs=1e-4)
+
+
+def test_the_views_folder_stays_under_its_bound(tmp_path, capfd):
+    from training.views import make_room
+
+    data = make_shapes_folder(tmp_path / "data", n=16)
+    cache = tmp_path / "cache"
+    per_view = None
+    for i, views in enumerate((1, 2)):
+        r = fit(TrainConfig(data=str(data), epochs=1, cached_views=views, cache_dir=str(cache),
+                            out=str(tmp_path / f"r{i}"), **LITE))
+        per_view = r.metrics["cached_views"]["bytes"] // views
+    assert len(list((cache / "views").glob("*.bin"))) == 2
+    # a bound of 2.5 views: 4 views are cut to 2, and the folder makes room by deleting the oldest file first
+    limit = 2.5 * per_view / 2**30
+    r = fit(TrainConfig(data=str(data), epochs=1, cached_views=4, view_cache_gb=limit, cache_dir=str(cache),
+                        out=str(tmp_path / "r2"), **LITE))
+    assert r.metrics["cached_views"]["views"] == 2
+    assert "4 views would take" in capfd.readouterr().err
+    total = sum(p.stat().st_size for p in (cache / "views").glob("*.bin"))
+    assert total <= limit * 2**30
+    # under a bound smaller than one view: the ordinary path, said so
+    r = fit(TrainConfig(data=str(data), epochs=1, cached_views=2, view_cache_gb=0.5 * per_view / 2**30,
+                        cache_dir=str(cache), out=str(tmp_path / "r3"), **LITE))
+    assert r.metrics["cached_views"] is None
+    assert "recomputed every step" in capfd.readouterr().err
+    make_room(cache / "views", 0, 1e-12)
+    assert not list((cache / "views").glob("*.bin"))
+
+
+@pytest.mark.parametrize("change, reason", [({"freeze_stages": 0}, "--freeze-stages 0"),
+                                            ({"mixup": 0.2}, "--mixup/--cutmix"),
+                                            ({"model": "small_cnn", "img_size": 32}, "from scratch")])
+def test_settings_the_cache_cannot_serve_take_the_ordinary_path(tmp_path, capfd, change, reason):
+    data = make_shapes_folder(tmp_path / "data", n=8)
+    r = fit(TrainConfig(data=str(data), epochs=1, cached_views=2, cache_dir=str(tmp_path / "c"),
+                        out=str(tmp_path / "r"), **{**LITE, **change}))
+    assert r.metrics["cached_views"] is None and len(r.history) == 1
+    assert reason in capfd.readouterr().err
+
+
+def test_each_epoch_cycles_the_views(tmp_path):
+    from training.prepare import start
+    from training.views import build
+
+    data = make_shapes_folder(tmp_path / "data", n=16)
+    setup, prep = start(TrainConfig(data=str(data), cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "r"),
+                                    **LITE))
+    views = build(prep.model, prep.train, prep.val, setup, 3, 1.0, tmp_path / "cache")
+    idx = np.arange(len(prep.train))
+    seen = [views.batch(idx, e, torch.device("cpu"))[0] for e in range(4)]
+    # three different views in epochs 0-2 for every image, and epoch 3 shows epoch 0's again
+    for i in idx:
+        assert not torch.equal(seen[0][i], seen[1][i]) and not torch.equal(seen[1][i], seen[2][i])
+        assert torch.equal(seen[0][i], seen[3][i])
+    meta = json.loads(views.path.with_suffix(".json").read_text())
+    assert meta["shape"][:2] == [3, len(prep.train)]
