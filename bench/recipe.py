@@ -63,6 +63,9 @@ CANDIDATES: dict[str, list[str]] = {
     "new-ema": NEW + ["--ema", "0.999"],
     "new-lite2": NEW + ["--model", "efficientnet_lite2"],
     "new-fp32": variant(NEW, amp="off"),
+    "lr1e-4": NEW + ["--lr", "1e-4"],
+    "lr3e-4": NEW + ["--lr", "3e-4"],
+    "lr3e-3": NEW + ["--lr", "3e-3"],
     "probe": ["--stages", "probe", "--eval-crop", "1"],
     "probe-0.875": ["--stages", "probe", "--eval-crop", "0.875"],
 }
@@ -83,22 +86,25 @@ def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
     return out
 
 
-def run_one(task: str, candidate: str, seed: int) -> dict:
+def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None, tag: str = "") -> dict:
+    """One `pupil train TASK/train` with the candidate's flags (then `extra`: flags of the whole study, later ones
+    win), its validation figures as a row."""
     data = task_folder(task) / "train"
-    out = WORK / "recipe-runs" / f"{task}-{candidate}-s{seed}"
+    out = WORK / "recipe-runs" / f"{task}-{candidate}-s{seed}{'-' + tag if tag else ''}"
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out),
-           "--no-progress", "--device", "cpu", *CANDIDATES[candidate]]
+           "--no-progress", "--device", "cpu", *CANDIDATES[candidate], *(extra or [])]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     row = {"task": task, "candidate": candidate, "seed": seed, "wall_s": time.perf_counter() - t0,
-           "flags": CANDIDATES[candidate], "finished": time.strftime("%Y-%m-%d %H:%M")}
+           "flags": CANDIDATES[candidate] + (extra or []), "finished": time.strftime("%Y-%m-%d %H:%M")}
     if r.returncode != 0:
         return {**row, "error": r.stderr[-600:]}
     m = json.loads((out / "metrics.json").read_text())
     v = m["val"]
     return {**row, "val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
             "val_macro_f1": v["macro_f1"], "val_n": v["n"], "kept": m.get("kept"), "flips": m.get("flips"),
-            "epochs_run": m["epochs_run"], "train_images_per_s": m["train_images_per_s"]}
+            "epochs_run": m["epochs_run"], "train_images_per_s": m["train_images_per_s"],
+            "phases": m.get("phases"), "cached_views_info": m.get("cached_views")}
 
 
 def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") -> str:

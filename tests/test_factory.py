@@ -72,3 +72,21 @@ def test_one_channel_model_sums_the_pretrained_stem_and_sees_gray_as_rgb_does():
         f3 = rgb.forward_head(rgb.forward_features(normalize(g, s3.mean, s3.std)), pre_logits=True)
         f1 = gray.forward_head(gray.forward_features(normalize(g, s1.mean, s1.std)), pre_logits=True)
     torch.testing.assert_close(f1, f3, atol=1e-4, rtol=1e-4)
+
+
+def test_every_preset_and_bundled_backbone_builds_offline(monkeypatch):
+    """What --preset offers works on the install the README makes, with the hub unreachable: each bundled backbone's
+    ImageNet weights come from its package and recognise the same photograph."""
+    import pytest
+
+    from training.config import PRESETS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    archs = {p.get("model", "efficientnet_lite0") for p in PRESETS.values()} | {f"efficientnet_lite{i}" for i in (1, 2)}
+    for arch in sorted(archs):
+        model, spec = create_model(arch, 1000, "auto", keep_head=True)
+        assert "bundled" in spec.pretrained_source, (arch, spec.pretrained_source)
+        top5 = " | ".join(_imagenet_top5(model, spec, _grace_hopper()))
+        assert "military uniform" in top5 or "academic gown" in top5, (arch, top5)
+    with pytest.raises(Exception, match="offline"):
+        create_model("efficientnet_b0", 2, "auto")  # no package ships it: the hub, refused offline, one clear error
