@@ -140,6 +140,10 @@ def spearman(a: list[float], b: list[float]) -> float:
     return num / den if den else float("nan")
 
 
+def sd(v: list[float]) -> float:
+    return statistics.stdev(v) if len(v) > 1 else 0.0
+
+
 def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], views: int) -> str:
     lines = ["| candidate | seeds | ordinary (mean ± sd) | cached (mean ± sd) | cached - ordinary (paired, mean ± se) | "
              "wall s ordinary / cached |", "| --- | --- | --- | --- | --- | --- |"]
@@ -153,7 +157,6 @@ def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], vi
         k = [rows[(task, c, s, views)]["val_accuracy"] for s in both]
         d = [b - a for a, b in zip(o, k)]
         all_pairs += d
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         se = sd(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
         wo = statistics.mean(rows[(task, c, s, 0)]["wall_s"] for s in both)
         wk = statistics.mean(rows[(task, c, s, views)]["wall_s"] for s in both)

@@ -89,6 +89,12 @@ class TrainConfig:
                                 "(1: the full frame; 0: the model's own, 0.875 for efficientnet_lite0)")
     backbone_lr: float = opt(0.3, "the pretrained backbone's learning rate as a fraction of --lr (the new head "
                                   "learns at --lr)")
+    lr_decay: float = opt(0.0, "layer-wise learning-rate decay: each stage below the last learns at this fraction of "
+                               "the rate of the one above it (0.7 e.g.; 0: every backbone stage at --backbone-lr)")
+    average_last: int = opt(0, "the model kept as 'last' is the average of the weights after each of the last N "
+                               "epochs (0 or 1: the last epoch's weights)")
+    ordinal: bool = opt(False, "the classes are ordered (in their sorted names' order, e.g. p000 < p033 < p067 < p100): "
+                               "label smoothing goes to the neighbouring classes, not to all")
     freeze_stages: int = opt(2, "pretrained models: keep the stem and the first N stages fixed (no gradient, less "
                                 "backward work; 0: train every layer)")
     cached_views: int = opt(0, "compute the frozen layers (--freeze-stages) once for N augmented views of each "
@@ -157,6 +163,10 @@ class TrainConfig:
             raise ValueError(f"--backbone-lr is a fraction of --lr in [0, 1], not {c.backbone_lr}")
         if c.freeze_stages < 0:
             raise ValueError(f"--freeze-stages is a number of stages, 0 or more, not {c.freeze_stages}")
+        if not 0.0 <= c.lr_decay <= 1.0:
+            raise ValueError(f"--lr-decay is a fraction in [0, 1] (0: off), not {c.lr_decay}")
+        if c.average_last < 0:
+            raise ValueError(f"--average-last is a number of epochs, 0 or more, not {c.average_last}")
         if c.cached_views < 0 or c.view_cache_gb <= 0:
             raise ValueError("--cached-views is a number of views, 0 or more, and --view-cache-gb a positive size")
         if not 0.0 < c.crop_scale <= 1.0:

@@ -92,7 +92,10 @@ def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
         with stop_signals() as stopped:
             train_epochs(state, prep, setup, ckpt_path, t_start, stopped)
     phases["finetune_s"] = time.perf_counter() - t_start - sum(phases.values())
+    averaged = average_last(state, prep, setup) if finetunes(cfg) else None
     state.kept = choose_kept(state, prep, setup) if finetunes(cfg) else {"kept": "probe", "epoch": 0}
+    if averaged:
+        state.kept["averaged"] = averaged
     return finish(state, prep, setup, run_dir, t_start, phases)
 
 
@@ -118,6 +121,25 @@ def read_resume(cfg: TrainConfig, ckpt_path: Path, manifest: Manifest) -> dict[s
     if ckpt.get("data_fingerprint") != manifest.fingerprint():
         raise DataError(f"--resume: {ckpt_path} was trained on different data or another split")
     return ckpt
+
+
+def average_last(state: TrainState, prep: Prepared, setup: TrainSetup) -> dict[str, Any] | None:
+    """--average-last N: the fine-tune's 'last' weights become the mean of the weights after each of its last N
+    epochs (the end of a cosine schedule wanders around a minimum; the mean sits nearer its centre: SWA, Izmailov
+    et al. 2018, with the BatchNorm statistics fixed, so nothing needs recomputing). The kept-model rule then
+    compares them with the best-scoring candidate as it compares the last epoch."""
+    if len(state.avg_epochs) < 2:
+        return None
+    mean = state.averaged()
+    state.judged.load_state_dict(mean)
+    if state.judged is not prep.model:  # the EMA's weights: what is saved is prep.model
+        prep.model.load_state_dict(mean)
+    row = evaluate(state.judged, prep.val, setup) if len(prep.val) else {}
+    if state.best_epoch == state.epoch:  # the last epoch scored best: the mean takes its place
+        state.best_state = None
+    log(f"averaged the weights of epochs {state.avg_epochs[0]}-{state.avg_epochs[-1]}"
+        + (f": validation loss {row['val_loss']:.4f}  accuracy {row['val_acc']:.3f}" if row else ""))
+    return {"epochs": state.avg_epochs, **row}
 
 
 def cached_views(prep: Prepared, setup: TrainSetup):
@@ -154,7 +176,8 @@ def new_state(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, probe:
                                                         else None)
     if cfg.compile:
         net = torch.compile(net)
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, not cfg.from_scratch, cfg.backbone_lr))
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, not cfg.from_scratch, cfg.backbone_lr,
+                                         cfg.lr_decay))
     spe = steps_per_epoch(len(train), cfg.batch_size * dist.world)
     shape = WarmupCosine(spe * cfg.epochs, int(cfg.warmup_epochs * spe))
     ema = None
@@ -213,6 +236,8 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
             state.history.append(row)
             state.keep_if_best(score, epoch, better=bool(better))
             state.stale = 0 if improved else state.stale + 1
+            if cfg.average_last > 1 and epoch > state.epochs - cfg.average_last:
+                state.add_to_average()
             log(f"epoch {epoch}/{state.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
                 + (f"validation loss {row['val_loss']:.4f}  accuracy {row['val_acc']:.3f}  " if len(prep.val) else "")
                 + f"{row['images_per_s']:.0f} img/s")

@@ -39,6 +39,7 @@ class TrainSetup:
     select_by: str = "accuracy"  # or macro_f1, on imbalanced data
     policy: Any = None  # the augmentation policy (--augment), or None
     balance: str = "none"  # the imbalance remedy in use (--balance, auto resolved)
+    targets: torch.Tensor | None = None  # per class, the soft target of --ordinal (smoothed_targets), or None
     views: Any = None  # training.views.CachedViews: the frozen trunk's activations (--cached-views), or None
 
     @property
@@ -47,20 +48,37 @@ class TrainSetup:
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretrained: bool,
-                 backbone_lr: float = 0.1) -> list[dict]:
+                 backbone_lr: float = 0.1, layer_decay: float = 0.0) -> list[dict]:
     """Discriminative learning rates: the pretrained backbone learns at lr * backbone_lr, the new head at lr.
-    No weight decay on norms and biases; frozen parameters (--freeze-stages) are left out."""
+    layer_decay d (0: off): stage by stage down from the head, each group of timm's coarse parameter groups at d
+    times the rate of the one above it (layer-wise learning-rate decay, as BEiT and timm's `layer_decay`): the last
+    stage at lr * backbone_lr, the one below at d times that, and so on to the stem. No weight decay on norms and
+    biases; frozen parameters (--freeze-stages) are left out."""
     head_ids = {id(p) for p in model.get_classifier().parameters()}
-    groups: dict[tuple[bool, bool], list] = {}
-    for p in model.parameters():
+    depth = stage_depths(model) if layer_decay and pretrained else {}
+    groups: dict[tuple[bool, bool, int], list] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        groups.setdefault((id(p) in head_ids, p.ndim <= 1), []).append(p)
+        groups.setdefault((id(p) in head_ids, p.ndim <= 1, depth.get(name, 0)), []).append(p)
     out = []
-    for (is_head, no_decay), params in sorted(groups.items()):
-        glr = lr if (is_head or not pretrained) else lr * backbone_lr
+    for (is_head, no_decay, d), params in sorted(groups.items()):
+        glr = lr if (is_head or not pretrained) else lr * backbone_lr * layer_decay ** d
         out.append({"params": params, "lr": glr, "initial_lr": glr, "weight_decay": 0.0 if no_decay else weight_decay})
     return out
+
+
+def stage_depths(model: torch.nn.Module) -> dict[str, int]:
+    """Each backbone parameter's distance in stages below the top backbone group (timm's coarse parameter groups;
+    the head, the last group, is not counted). Empty where the model has no stage groups."""
+    from timm.models import group_parameters
+
+    try:
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+    except (AttributeError, NotImplementedError):
+        return {}
+    ids = sorted(groups)[:-1]  # the last group is the classifier
+    return {name: len(ids) - 1 - rank for rank, gid in enumerate(ids) for name in groups[gid]}
 
 
 class WarmupCosine:
@@ -104,6 +122,28 @@ def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, opt, scaler) -> N
     scaler.update()
 
 
+def smoothed_targets(k: int, smoothing: float, ordinal: bool) -> torch.Tensor | None:
+    """k x k target distributions for --ordinal: each class keeps 1 - smoothing and its neighbours in the classes'
+    order share the rest (an end class gives it all to its one neighbour), so a p033 cell is taught that p000 and
+    p067 are near misses and p100 is not. None without --ordinal (the cross-entropy's uniform label smoothing)."""
+    if not ordinal or k < 2:
+        return None
+    t = torch.eye(k) * (1 - smoothing)
+    for c in range(k):
+        near = [n for n in (c - 1, c + 1) if 0 <= n < k]
+        for n in near:
+            t[c, n] += smoothing / len(near)
+    return t
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, setup: TrainSetup) -> torch.Tensor:
+    """The training cross-entropy: class weights (--balance loss), and label smoothing, uniform or to the neighbouring
+    classes (--ordinal)."""
+    if setup.targets is not None:
+        return F.cross_entropy(logits.float(), setup.targets.to(logits.device)[y], weight=setup.class_weights)
+    return F.cross_entropy(logits.float(), y, weight=setup.class_weights, label_smoothing=setup.cfg.label_smoothing)
+
+
 def train_one_epoch(state, data: ImageSet, setup: TrainSetup, stop=None) -> dict[str, float] | None:
     """One pass over the training set (state: training.state.TrainState): loss, accuracy and images/s.
 
@@ -137,10 +177,9 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup, stop=None) -> dict
         x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, state.aug_gen)
         with autocast(device, setup.amp):
             logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, weight=setup.class_weights, label_smoothing=cfg.label_smoothing)
+            loss = training_loss(logits, y, setup)
             if lam < 1.0:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=setup.class_weights,
-                                                                label_smoothing=cfg.label_smoothing)
+                loss = lam * loss + (1 - lam) * training_loss(logits, y2, setup)
         optimizer_step(state.net, loss, state.opt, state.scaler)
         state.sched.step()
         if state.ema is not None:

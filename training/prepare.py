@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .cache import DecodeCache
 from .data import ImageSet, Manifest, apply_cache_failures, split_manifest, trainability
 from .distributed import Dist, log, setup_distributed
-from .loop import TrainSetup
+from .loop import TrainSetup, smoothed_targets
 from .table import TableSpec, scan_data
 
 
@@ -52,7 +52,8 @@ def start(cfg: TrainConfig) -> tuple[TrainSetup, Prepared]:
     class_weights, sample_weights, select_by, mode = balance(cfg.balance, prep.train.labels, len(prep.classes))
     setup = TrainSetup(cfg, prep.spec, device, amp, dist, prep.classes,
                        class_weights.to(device) if class_weights is not None else None, sample_weights, select_by,
-                       make_policy(cfg.augment), mode)
+                       make_policy(cfg.augment), mode, smoothed_targets(len(prep.classes), cfg.label_smoothing,
+                                                                        cfg.ordinal))
     if cfg.batch_size <= 0:
         found = auto_batch_size(prep.model, prep.spec, device, amp, len(prep.train))
         cfg.batch_size = int(dist.from_main(found)[0])

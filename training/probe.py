@@ -24,9 +24,11 @@ def fit_head(head: torch.nn.Module, x_train, y_train, x_val, y_val, setup: Train
     """Full-batch AdamW steps of the head on features; (best validation loss, its state, its step)."""
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
     w = setup.class_weights.cpu() if setup.class_weights is not None else None
+    target = y_train if setup.targets is None else setup.targets.cpu()[y_train]  # --ordinal: soft targets
+    smoothing = setup.cfg.label_smoothing if setup.targets is None else 0.0
     best = (math.inf, copy.deepcopy(head.state_dict()), 0)
     for step in range(setup.cfg.probe_epochs):
-        loss = F.cross_entropy(head(x_train), y_train, weight=w, label_smoothing=setup.cfg.label_smoothing)
+        loss = F.cross_entropy(head(x_train), target, weight=w, label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.runtime import autocast
 
@@ -25,7 +24,7 @@ from .augment import training_batch
 from .config import TrainConfig
 from .data import ImageSet, iterate
 from .distributed import log
-from .loop import TrainSetup, optimizer_step, param_groups, train_mode
+from .loop import TrainSetup, optimizer_step, param_groups, train_mode, training_loss
 from .prepare import start
 from .probe import linear_probe
 
@@ -36,11 +35,11 @@ def lr_range_test(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, ba
     cfg, device, amp = setup.cfg, setup.device, setup.amp
     net = copy.deepcopy(model)
     # lr=1 gives each group its ratio to the peak rate (head 1, pretrained backbone 1/10)
-    opt = torch.optim.AdamW(param_groups(net, 1.0, cfg.weight_decay, not cfg.from_scratch, cfg.backbone_lr))
+    opt = torch.optim.AdamW(param_groups(net, 1.0, cfg.weight_decay, not cfg.from_scratch, cfg.backbone_lr,
+                                         cfg.lr_decay))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     order = torch.Generator().manual_seed(cfg.seed + 7)
     aug = torch.Generator().manual_seed(cfg.seed + 8)
-    weight = setup.class_weights
     train_mode(net, cfg)
     batch = max(1, min(batch_size or 32, len(train)))
     mult = (end / start) ** (1 / max(1, steps - 1))
@@ -57,7 +56,7 @@ def lr_range_test(model: torch.nn.Module, train: ImageSet, setup: TrainSetup, ba
                                   cfg.crop)
             with autocast(device, amp):
                 logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
+            loss = training_loss(logits, y, setup)
             optimizer_step(net, loss, opt, scaler)
             value = float(loss.detach())
             avg = smoothing * avg + (1 - smoothing) * value

@@ -1,0 +1,174 @@
+"""The recipe study, sized for 2 CPU cores: successive halving on the cheap path, the finalists on the full path.
+
+Every run is `pupil train TASK/train` (bench.recipe.run_one): the test split is not in the folder, so nothing here
+can see it; pupil splits validation off train/ with the run's seed. Candidates are one change at a time from today's
+defaults ("new"; bench.recipe.CANDIDATES).
+
+Successive halving (Jamieson & Talwalkar 2016, the rungs of Hyperband): rung r trains every candidate still in with
+--epochs EPOCHS[r] (the cosine schedule fitted to those epochs) and seeds 0..r, on the cached path (--cached-views,
+where a candidate's frozen stages allow it; the views are shared by every candidate with the same trunk and
+training images, so most runs compute none). After each rung, per task, the candidates are ranked by their mean
+validation score over the rung's seeds (balanced accuracy: on balanced tasks it equals accuracy, on ELPV 4-class it
+does not let the two rare middle classes be ignored), and the better half goes on; "new" always goes on, as the
+reference every difference is paired with. The last rung's survivors are then confirmed on the full path
+(--cached-views 0, the candidate's own epochs) with 3 seeds: mean ± sd, and the paired difference against "new" on
+the same validation splits, ± its standard error.
+
+One JSON line per finished run (appended to --results, committed with the repository), so a stop loses at most the
+run in progress and the next invocation goes on where this one stopped. A rung's survivors are computed from the
+file, so a session can run one rung, or one task, at a time.
+
+    python -m bench.study [--tasks elpv-binary,...] [--rungs 0,1,final] [--table]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from bench import recipe
+
+RESULTS = Path(__file__).resolve().parent / "results" / "study.jsonl"
+TASKS = ("elpv-binary", "elpv-fourclass", "elpv-type", "digits", "faces")
+EPOCHS = (3, 6)  # rung 0, rung 1; the final rung: the candidate's own (10 unless it changes them)
+VIEWS = 4
+STUDY_FLAGS = ["--view-cache-gb", "24"]
+CANDIDATES: dict[str, list[str]] = {
+    "new": [],
+    "res288": ["--img-size", "288"],
+    "lite2-260": ["--model", "efficientnet_lite2"],
+    "lite2-300": ["--model", "efficientnet_lite2", "--img-size", "300"],
+    "freeze0": ["--freeze-stages", "0"],
+    "freeze4": ["--freeze-stages", "4"],
+    "lrdecay0.7": ["--lr-decay", "0.7"],
+    "avg3": ["--average-last", "3"],
+    "ls0": ["--label-smoothing", "0"],
+    "balance-loss": ["--balance", "loss"],
+    "balance-sampler": ["--balance", "sampler"],
+    "drop-issues": ["--drop-label-issues"],
+    "ordinal": ["--ordinal", "--label-smoothing", "0.2"],
+}
+ORDERED = {"elpv-fourclass"}  # tasks whose classes have an order (ELPV's defect probabilities)
+for name, flags in CANDIDATES.items():
+    recipe.CANDIDATES[f"study-{name}"] = recipe.NEW + flags
+
+
+def candidates_for(task: str) -> list[str]:
+    return [c for c in CANDIDATES if c != "ordinal" or task in ORDERED]
+
+
+def load(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a stop mid-write
+    return rows
+
+
+def score(r: dict) -> float:
+    return r["val_balanced_accuracy"]
+
+
+def rung_rows(rows: list[dict], task: str, rung: str) -> dict[tuple[str, int], dict]:
+    return {(r["candidate"], r["seed"]): r for r in rows if r["task"] == task and r["rung"] == rung and "error" not in r}
+
+
+def survivors(rows: list[dict], task: str, rung: int) -> list[str] | None:
+    """The candidates that go on from rung `rung` (None while that rung is unfinished)."""
+    cands = candidates_for(task) if rung == 0 else survivors(rows, task, rung - 1)
+    if cands is None:
+        return None
+    done = rung_rows(rows, task, str(rung))
+    seeds = range(rung + 1)
+    if any((c, s) not in done for c in cands for s in seeds):
+        return None
+    mean = {c: statistics.mean(score(done[(c, s)]) for s in seeds) for c in cands}
+    ranked = sorted(cands, key=lambda c: -mean[c])
+    keep = ranked[:max(2, math.ceil(len(ranked) / 2))]
+    return keep if "new" in keep else keep + ["new"]
+
+
+def plan(rows: list[dict], task: str, rung: str) -> list[tuple[str, int, list[str]]]:
+    """(candidate, seed, extra flags) of the runs rung `rung` still needs, or [] while its inputs are unfinished."""
+    if rung == "final":
+        cands = survivors(rows, task, len(EPOCHS) - 1)
+        extra, seeds = ["--cached-views", "0"], range(3)
+    else:
+        r = int(rung)
+        cands = candidates_for(task) if r == 0 else survivors(rows, task, r - 1)
+        extra, seeds = ["--epochs", str(EPOCHS[r]), "--cached-views", str(VIEWS)], range(r + 1)
+    if cands is None:
+        return []
+    done = rung_rows(rows, task, rung)
+    return [(c, s, extra) for s in seeds for c in cands if (c, s) not in done]
+
+
+def table(rows: list[dict], tasks: list[str]) -> str:
+    out = []
+    for task in tasks:
+        for rung in [*map(str, range(len(EPOCHS))), "final"]:
+            done = rung_rows(rows, task, rung)
+            if not done:
+                continue
+            epochs = EPOCHS[int(rung)] if rung != "final" else "own"
+            out.append(f"\n{task}, rung {rung} (epochs {epochs}, {'full path' if rung == 'final' else 'cached views'})"
+                       "\n| candidate | seeds | validation accuracy | balanced accuracy (mean ± sd) | minus new "
+                       "(balanced, paired, mean ± se) | wall s |\n| --- | --- | --- | --- | --- | --- |")
+            cands = sorted({c for c, _ in done}, key=lambda c: list(CANDIDATES).index(c))
+            for c in cands:
+                seeds = sorted(s for cc, s in done if cc == c)
+                acc = [done[(c, s)]["val_accuracy"] for s in seeds]
+                bal = [score(done[(c, s)]) for s in seeds]
+                pairs = [score(done[(c, s)]) - score(done[("new", s)]) for s in seeds if ("new", s) in done]
+                sd = statistics.stdev(bal) if len(bal) > 1 else 0.0
+                diff = ""
+                if c != "new" and pairs:
+                    se = (f"{100 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1f}" if len(pairs) > 1
+                          else "(one seed: no se)")
+                    diff = f"{100 * statistics.mean(pairs):+.1f} ± {se} pts"
+                wall = statistics.mean(done[(c, s)]["wall_s"] for s in seeds)
+                out.append(f"| {c} | {len(seeds)} | {statistics.mean(acc):.3f} | {statistics.mean(bal):.3f} ± {sd:.3f} "
+                           f"| {diff} | {wall:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--rungs", default="0,1,final", help="which rungs to run, in order (each only once its inputs "
+                                                          "are finished)")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--table", action="store_true", help="print what the results file holds, run nothing")
+    ap.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: no limit)")
+    args = ap.parse_args()
+    results, tasks = Path(args.results), args.tasks.split(",")
+    ran = 0
+    if not args.table:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        for rung in args.rungs.split(","):
+            for task in tasks:  # task by task: a rung's halving needs all of that task's runs
+                for cand, seed, extra in plan(load(results), task, rung):
+                    if args.max_runs and ran >= args.max_runs:
+                        print(table(load(results), tasks))
+                        return
+                    t0 = time.perf_counter()
+                    r = recipe.run_one(task, f"study-{cand}", seed, STUDY_FLAGS + extra, tag=f"study-r{rung}")
+                    r.update(candidate=cand, rung=rung, extra=extra)
+                    with results.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    ran += 1
+                    print(json.dumps({"task": task, "rung": rung, "candidate": cand, "seed": seed,
+                                      "val_accuracy": r.get("val_accuracy"),
+                                      "val_balanced_accuracy": r.get("val_balanced_accuracy"),
+                                      "wall_s": round(time.perf_counter() - t0), "error": r.get("error")}), flush=True)
+    print(table(load(results), tasks))
+
+
+if __name__ == "__main__":
+    main()

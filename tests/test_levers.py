@@ -1,0 +1,93 @@
+"""The recipe study's levers: layer-wise learning-rate decay, the average of the last epochs' weights, soft targets
+for ordered classes (training/loop.py, training/state.py, training/fit.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_shapes_folder
+from training.config import TrainConfig
+from training.fit import fit
+from training.loop import param_groups, smoothed_targets
+
+LITE = dict(model="efficientnet_lite0", img_size=32, batch_size=8, progress=False, workers=1, device="cpu",
+            label_issues=False, stages="finetune")
+
+
+def test_layer_decay_gives_each_stage_a_fraction_of_the_rate_above_it():
+    from models import create_model
+    from training.prepare import freeze_early
+
+    model, _ = create_model("efficientnet_lite0", 2, "auto", img_size=32)
+    freeze_early(model, 2)
+    groups = param_groups(model, 1e-3, 0.05, True, backbone_lr=0.3, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["classifier.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["conv_head.weight"])] == pytest.approx(3e-4)  # the top backbone group, with blocks.6
+    assert lr_of[id(named["blocks.6.0.conv_pw.weight"])] == pytest.approx(3e-4)
+    assert lr_of[id(named["blocks.5.0.conv_pw.weight"])] == pytest.approx(1.5e-4)
+    assert lr_of[id(named["blocks.2.0.conv_pw.weight"])] == pytest.approx(3e-4 * 0.5 ** 4)
+    assert id(named["blocks.1.0.conv_pw.weight"]) not in lr_of  # frozen: not optimised at all
+    # without decay every backbone stage learns at the same fraction
+    flat = {g["lr"] for g in param_groups(model, 1e-3, 0.05, True, backbone_lr=0.3) for p in g["params"]}
+    assert sorted(flat) == pytest.approx([3e-4, 1e-3])
+
+
+def test_ordinal_targets_smooth_onto_the_neighbouring_classes():
+    t = smoothed_targets(4, 0.2, ordinal=True)
+    assert torch.allclose(t.sum(1), torch.ones(4))
+    assert t[1].tolist() == pytest.approx([0.1, 0.8, 0.1, 0.0])
+    assert t[0].tolist() == pytest.approx([0.8, 0.2, 0.0, 0.0])  # an end class: all to its one neighbour
+    assert t[3, 0] == 0 and t[0, 3] == 0
+    assert smoothed_targets(4, 0.2, ordinal=False) is None
+
+
+def test_ordinal_runs_train_with_the_soft_targets(tmp_path):
+    data = make_shapes_folder(tmp_path / "data", classes=("red", "green", "blue"), n=20)
+    lite = {**LITE, "img_size": 64, "stages": "both"}
+    plain = fit(TrainConfig(data=str(data), epochs=2, out=str(tmp_path / "plain"), **lite))
+    soft = fit(TrainConfig(data=str(data), epochs=2, out=str(tmp_path / "soft"), ordinal=True, label_smoothing=0.3,
+                           **lite))
+    assert soft.history[0]["train_loss"] != plain.history[0]["train_loss"]
+    assert soft.metrics["val"]["accuracy"] > 0.5  # it learns (chance is a third)
+
+
+def test_average_last_keeps_the_mean_of_the_last_epochs_weights(tmp_path, monkeypatch):
+    from training.state import TrainState
+
+    seen: list[dict[str, torch.Tensor]] = []
+    original = TrainState.add_to_average
+
+    def spy(self):
+        seen.append({k: v.detach().clone() for k, v in self.judged.state_dict().items()})
+        original(self)
+
+    monkeypatch.setattr(TrainState, "add_to_average", spy)
+    data = make_shapes_folder(tmp_path / "data", n=12)
+    r = fit(TrainConfig(data=str(data), epochs=4, average_last=3, patience=0, out=str(tmp_path / "r"), **LITE))
+    assert r.metrics["kept"]["averaged"]["epochs"] == [2, 3, 4] and len(seen) == 3
+    if r.metrics["kept"]["kept"] == "last":
+        saved = load_file(str(tmp_path / "r" / "model" / "model.safetensors"))
+        w = "blocks.6.0.conv_pw.weight"
+        mean = sum(s[w].double() for s in seen) / 3
+        torch.testing.assert_close(saved[w].double(), mean, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(saved[w], seen[-1][w])  # not simply the last epoch's
+
+
+def test_the_running_average_survives_a_checkpoint(tmp_path):
+    from training.distributed import Dist
+    from training.prepare import start
+    from training.fit import new_state
+
+    data = make_shapes_folder(tmp_path / "data", n=8)
+    setup, prep = start(TrainConfig(data=str(data), epochs=3, out=str(tmp_path / "r"), **LITE))
+    state = new_state(prep.model, prep.train, setup, {}, {})
+    state.epoch = 2
+    state.add_to_average()
+    snap = state.snapshot(Dist())
+    other = new_state(prep.model, prep.train, setup, {}, {})
+    other.restore(snap, Dist())
+    assert other.avg_epochs == [2] and other.avg_sum.keys() == state.avg_sum.keys()
+    assert all(torch.equal(other.avg_sum[k], state.avg_sum[k]) for k in state.avg_sum)

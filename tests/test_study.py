@@ -1,0 +1,47 @@
+"""bench/study.py: successive halving keeps the better half, always keeps the reference, and plans only what is
+missing, from the results file alone."""
+from __future__ import annotations
+
+from bench import study
+
+
+def _row(task, cand, seed, rung, bal):
+    return {"task": task, "candidate": cand, "seed": seed, "rung": rung, "val_accuracy": bal,
+            "val_balanced_accuracy": bal, "wall_s": 1.0}
+
+
+def test_each_rung_keeps_the_better_half_and_the_reference():
+    task = "elpv-binary"
+    cands = study.candidates_for(task)
+    assert "ordinal" not in cands and "ordinal" in study.candidates_for("elpv-fourclass")
+    # rung 0 planned: every candidate, seed 0, on the cached path at the first rung's epochs
+    todo = study.plan([], task, "0")
+    assert sorted(c for c, _, _ in todo) == sorted(cands) and {s for _, s, _ in todo} == {0}
+    assert "--cached-views" in todo[0][2] and str(study.EPOCHS[0]) in todo[0][2]
+    assert study.plan([], task, "1") == [] and study.survivors([], task, 0) is None  # rung 0 unfinished
+    # scores: the candidates' order in the list, worst first; "new" among the worst
+    rows = [_row(task, c, 0, "0", 0.5 + 0.01 * i) for i, c in enumerate(cands)]
+    keep = study.survivors(rows, task, 0)
+    half = -(-len(cands) // 2)
+    assert keep[:half] == sorted(cands, key=lambda c: -cands.index(c))[:half]
+    assert keep[-1] == "new" and len(keep) == half + 1
+    # rung 1 planned: the survivors, seeds 0 and 1; what is done is not planned again
+    todo = study.plan(rows, task, "1")
+    assert {(c, s) for c, s, _ in todo} == {(c, s) for c in keep for s in (0, 1)}
+    rows.append(_row(task, keep[0], 0, "1", 0.9))
+    assert (keep[0], 0) not in {(c, s) for c, s, _ in study.plan(rows, task, "1")}
+    # another task's rows change nothing here
+    assert study.plan(rows, "digits", "1") == []
+
+
+def test_the_final_rung_confirms_on_the_full_path_with_three_seeds():
+    task = "faces"
+    rows = [_row(task, c, 0, "0", 0.5 + 0.01 * i) for i, c in enumerate(study.candidates_for(task))]
+    keep0 = study.survivors(rows, task, 0)
+    rows += [_row(task, c, s, "1", 0.6 + 0.01 * i) for i, c in enumerate(keep0) for s in (0, 1)]
+    keep1 = study.survivors(rows, task, 1)
+    assert "new" in keep1 and len(keep1) < len(keep0)
+    final = study.plan(rows, task, "final")
+    assert {(c, s) for c, s, _ in final} == {(c, s) for c in keep1 for s in range(3)}
+    assert final[0][2] == ["--cached-views", "0"]
+    assert "| new |" in study.table(rows, [task])
