@@ -135,6 +135,10 @@ def test_each_epoch_cycles_the_views(tmp_path):
     views = build(prep.model, prep.train, prep.val, setup, 3, 1.0, tmp_path / "cache")
     idx = np.arange(len(prep.train))
     seen = [views.batch(idx, e, torch.device("cpu"))[0] for e in range(4)]
+    # stored as the trunk computes them (bf16 under bf16 autocast); on a CPU the tail trains in fp32
+    assert views.dtype == (torch.bfloat16 if setup.amp == torch.bfloat16 else torch.float32)
+    assert seen[0].dtype == torch.float32
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
     # three different views in epochs 0-2 for every image, and epoch 3 shows epoch 0's again
     for i in idx:
         assert not torch.equal(seen[0][i], seen[1][i]) and not torch.equal(seen[1][i], seen[2][i])

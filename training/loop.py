@@ -167,15 +167,16 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup, stop=None) -> dict
     bar = tqdm(batches[start:], desc=f"epoch {state.epoch + 1}/{state.epochs}", unit="batch", leave=False,
                disable=not (live_bars(cfg.progress) and dist.main), file=sys.stderr)
     for step, idx in enumerate(bar, start + 1):
+        amp = setup.amp
         if setup.views is not None:  # the frozen trunk's cached output for this epoch's views; the tail trains
             x, y = setup.views.batch(idx, state.epoch, device)
-            net = setup.views.tail
+            net, amp = setup.views.tail, setup.views.tail_amp
         else:
             x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
                                   cfg.crop_scale, cfg.flips, cfg.crop)
             net = state.net
         x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, state.aug_gen)
-        with autocast(device, setup.amp):
+        with autocast(device, amp):
             logits = net(x)
             loss = training_loss(logits, y, setup)
             if lam < 1.0:

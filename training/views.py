@@ -6,7 +6,8 @@ for the same input they give the same output in every epoch: recomputing them ea
 `--cached-views V` draws V augmented views of every training image (the run's crop, flips and --augment policy,
 each view from a generator of its own), runs the frozen trunk on each view once, keeps the activations (bfloat16
 under bf16 autocast, as the trunk computes them there; fp32 otherwise) in one memory-mapped file under the cache
-folder, and trains only the tail (the later stages and the head) from them. Epoch e shows image i its view
+folder, and trains only the tail (the later stages and the head) from them (in fp32 on a CPU, where that measured
+faster than bf16: tail_precision). Epoch e shows image i its view
 (e + offset_i) mod V, offsets drawn from the run's seed, so over V epochs every image shows every view once.
 Each epoch's validation also starts from the trunk's activations of the centre crops, computed once. What is kept,
 calibrated, tested and saved is the whole model, run whole, as served.
@@ -114,6 +115,7 @@ class CachedViews:
     built_s: float
     hit: bool
     tail: Tail  # what trains
+    tail_amp: torch.dtype | None  # the tail's training precision (see tail_precision)
 
     @property
     def views(self) -> int:
@@ -127,6 +129,8 @@ class CachedViews:
         raw = np.empty((len(idx),) + self.train.shape[2:], dtype=self.train.dtype)
         raw[order] = self.train[view[order], idx[order]]
         h = as_torch(raw, self.dtype).permute(0, 3, 1, 2)  # NHWC memory: channels_last NCHW
+        if self.tail_amp is None:
+            h = h.float()
         return h.to(device, non_blocking=True), self.labels[idx_t].to(device, non_blocking=True)
 
     def info(self) -> dict:
@@ -192,11 +196,21 @@ def build(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup, views: 
         val_h = torch.cat([h for _, h in trunk_batches(model, trunk, len(val), setup, centre_crops(val, setup))])
     os.utime(data_path)  # recently used: the last to go when the folder makes room
     out = CachedViews(arr, val_h, torch.from_numpy(val.labels), torch.from_numpy(train.labels), offsets, dtype, k,
-                      data_path, views * per_view, time.perf_counter() - t0, hit, Tail(model, k))
+                      data_path, views * per_view, time.perf_counter() - t0, hit, Tail(model, k),
+                      tail_precision(setup))
     log(f"cached views: {views} augmented views of {len(train)} training images through the frozen stem and "
         f"{k} stages, {out.nbytes / 2**30:.2f} GB ({'reused' if hit else 'computed'} in {out.built_s:.1f} s; "
         f"{data_path}); the fine-tune trains the rest")
     return out
+
+
+def tail_precision(setup) -> torch.dtype | None:
+    """The tail trains in fp32 on a CPU, under the run's autocast elsewhere. Measured on the 2-core AVX512-BF16 EPYC
+    (efficientnet_lite0, 224 px, batch 32, one step of the tail from cached activations, median of 6): 0.72 s in
+    fp32 against 0.89 s under bf16 autocast with 2 stages frozen, 0.50 s against 0.69 s with 4. bf16 pays for the
+    trunk's forward pass (computed once, stored in bf16) and for validation, not for a training step's backward
+    here: what `--amp auto` measured for the whole model too (BENCHMARKS.md, training speed)."""
+    return None if setup.device.type == "cpu" else setup.amp
 
 
 def view_key(model, train: ImageSet, setup, k: int, views: int, dtype: torch.dtype) -> str:
