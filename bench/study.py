@@ -10,9 +10,9 @@ where a candidate's frozen stages allow it; the views are shared by every candid
 training images, so most runs compute none). After each rung, per task, the candidates are ranked by their mean
 validation score over the rung's seeds (balanced accuracy: on balanced tasks it equals accuracy, on ELPV 4-class it
 does not let the two rare middle classes be ignored), and the better half goes on; "new" always goes on, as the
-reference every difference is paired with. The last rung's survivors are then confirmed on the full path
-(--cached-views 0, the candidate's own epochs) with 3 seeds: mean ± sd, and the paired difference against "new" on
-the same validation splits, ± its standard error.
+reference every difference is paired with. The best two of the last rung's survivors, and "new", are then
+confirmed on the full path (--cached-views 0, the candidate's own epochs) with 3 seeds: mean ± sd, and the paired
+difference against "new" on the same validation splits, ± its standard error.
 
 One JSON line per finished run (appended to --results, committed with the repository), so a stop loses at most the
 run in progress and the next invocation goes on where this one stopped. A rung's survivors are computed from the
@@ -35,6 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "study.jsonl"
 TASKS = ("elpv-binary", "elpv-fourclass", "elpv-type", "digits", "faces")
 EPOCHS = (3, 6)  # rung 0, rung 1; the final rung: the candidate's own (10 unless it changes them)
 VIEWS = 4
+FINALISTS = 2  # besides "new": on ELPV a full-path run of 10 epochs costs some 8 minutes here, 9 per candidate
 STUDY_FLAGS = ["--view-cache-gb", "24"]
 CANDIDATES: dict[str, list[str]] = {
     "new": [],
@@ -94,10 +95,16 @@ def survivors(rows: list[dict], task: str, rung: int) -> list[str] | None:
     return keep if "new" in keep else keep + ["new"]
 
 
+def finalists(rows: list[dict], task: str, n: int = FINALISTS) -> list[str] | None:
+    """The best n of the last rung's survivors, and "new"."""
+    kept = survivors(rows, task, len(EPOCHS) - 1)
+    return None if kept is None else [c for c in kept if c != "new"][:n] + ["new"]
+
+
 def plan(rows: list[dict], task: str, rung: str) -> list[tuple[str, int, list[str]]]:
     """(candidate, seed, extra flags) of the runs rung `rung` still needs, or [] while its inputs are unfinished."""
     if rung == "final":
-        cands = survivors(rows, task, len(EPOCHS) - 1)
+        cands = finalists(rows, task)
         extra, seeds = ["--cached-views", "0"], range(3)
     else:
         r = int(rung)

@@ -3,8 +3,8 @@
 The recipe's defaults changed by issue 24 (--crop affine, --eval-crop 1, --backbone-lr 0.3, --freeze-stages 2, and bf16
 on a CPU that has it: models.runtime.amp_dtype) were chosen as one bundle by `python -m bench.recipe` on validation
 splits only (BENCHMARKS.md, "Recipe study", rows today/new): within noise of the previous defaults on faces and ELPV
-binary, +2.2 points on digits, at about twice the training speed (BENCHMARKS.md, "Training speed"). One seed per
-task: the study's own caveat.
+binary, +2.2 points on digits, at 1.18x the training speed (BENCHMARKS.md, "Training speed with bf16 and frozen
+stages"; the goal was 2x). One seed per task: the study's own caveat.
 
 The command line is generated from these fields (pupil/cli.py): the flag is the field's name with dashes, the help is
 the field's `help` metadata, and `choices`, `or_word` (a number or a word, e.g. `--lr auto`) and `bare` (the value a
