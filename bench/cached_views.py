@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import header, ratio, row
+from bench.common import header, ratio, read_jsonl, row
 from bench.quality import ROOT
 
 SPEED_FLAGS = ["--limit-per-class", "160", "--epochs", "10", "--stages", "finetune", "--seed", "0", "--no-progress",
@@ -113,16 +113,8 @@ def fidelity(args) -> None:
 
 
 def done(path: Path) -> dict[tuple, dict]:
-    out = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "val_accuracy" in r:
-                out[(r["task"], r["candidate"], r["seed"], r["cached_views"])] = r
-    return out
+    return {(r["task"], r["candidate"], r["seed"], r["cached_views"]): r for r in read_jsonl(path)
+            if "val_accuracy" in r}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -186,8 +178,8 @@ def main() -> None:
     ap.add_argument("--candidates", default=",".join(FIDELITY_CANDIDATES))
     ap.add_argument("--per-class", type=int, default=250, help="training images per class (fidelity)")
     ap.add_argument("--epochs", type=int, default=6, help="fine-tune epochs (fidelity)")
-    ap.add_argument("--results", default=str(Path(os.environ.get("PUPIL_BENCH_DIR", Path.home() / ".cache" / "pupil"
-                                                                 / "bench")) / "cached_views.jsonl"))
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "cached_views.jsonl"),
+                    help="fidelity: JSON lines, one per finished run (appended; committed with the repository)")
     ap.add_argument("--table", action="store_true", help="fidelity: print the table of the results file, run nothing")
     args = ap.parse_args()
     t0 = time.perf_counter()

@@ -41,6 +41,21 @@ def real_size_jpegs(n: int = 1000, size: tuple[int, int] = (2000, 1500), seed: i
     return out
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a results file of JSON lines (a benchmark appends one per finished run); a line cut by a stop
+    mid-write is skipped."""
+    import json
+
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 class Timer:
     def __enter__(self):
         self.t0 = time.perf_counter()

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import read_jsonl
 from bench.quality import ROOT, WORK, task_folder
 
 TODAY = ["--crop", "rrc", "--crop-scale", "0.35", "--eval-crop", "0.875", "--backbone-lr", "0.1",
@@ -75,15 +76,7 @@ BASELINE = {"probe": "probe-0.875"}
 
 
 def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
-    out = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a stop mid-write
-            out[(r["task"], r["candidate"], r["seed"])] = r
-    return out
+    return {(r["task"], r["candidate"], r["seed"]): r for r in read_jsonl(path)}
 
 
 def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None, tag: str = "") -> dict:

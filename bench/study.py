@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from bench import recipe
+from bench.common import read_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "study.jsonl"
 TASKS = ("elpv-binary", "elpv-fourclass", "elpv-type", "digits", "faces")
@@ -62,14 +63,7 @@ def candidates_for(task: str) -> list[str]:
 
 
 def load(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a stop mid-write
-    return rows
+    return read_jsonl(path)
 
 
 def score(r: dict) -> float:
