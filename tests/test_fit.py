@@ -254,7 +254,10 @@ def test_time_limit_runs_only_the_epochs_that_fit(shapes_dir, tiny_config):
     r = fit(tiny_config(shapes_dir, epochs=100_000, time_limit=0.2, patience=0))
     assert time.time() - t0 < 60
     assert 2 <= r.metrics["epochs_run"] < 100_000
-    assert r.history[-1]["lr"] < 0.2 * max(h["lr"] for h in r.history)  # the cosine still decays to the end
+    # the cosine still decays to the end: the rate after the last step (the checkpoint's scheduler), not the rate
+    # each epoch started at (with only 2 epochs fitting, on a loaded machine, the second starts at the peak)
+    end_lr = max(load_checkpoint(r.run_dir / "last.pt")["scheduler"]["_last_lr"])
+    assert end_lr < 0.05 * max(h["lr"] for h in r.history)
 
 
 def test_mixup_cutmix_flips_and_small_cnn_depth_train(shapes_dir, tiny_config):
