@@ -85,10 +85,10 @@ def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
         log(f"resumed from {ckpt_path} after epoch {state.epoch}")
     elif "val_loss" in probe:  # the probed model is epoch 0: a fine-tune that never beats it does not replace it
         state.keep_if_best((probe[setup.score_key], -probe["val_loss"]), 0)
-    if finetunes(cfg) and cfg.cached_views:
-        setup.views = cached_views(prep, setup)
-        phases["views_s"] = time.perf_counter() - t_start - sum(phases.values())
     if finetunes(cfg):
+        if cfg.cached_views:
+            setup.views = cached_views(prep, setup)
+            phases["views_s"] = time.perf_counter() - t_start - sum(phases.values())
         with stop_signals() as stopped:
             train_epochs(state, prep, setup, ckpt_path, t_start, stopped)
     phases["finetune_s"] = time.perf_counter() - t_start - sum(phases.values())

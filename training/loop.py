@@ -68,15 +68,22 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretrai
     return out
 
 
-def stage_depths(model: torch.nn.Module) -> dict[str, int]:
-    """Each backbone parameter's distance in stages below the top backbone group (timm's coarse parameter groups;
-    the head, the last group, is not counted). Empty where the model has no stage groups."""
+def stage_groups(model: torch.nn.Module) -> dict[int, list[str]] | None:
+    """timm's coarse parameter groups: parameter names by group id, the stem first, one group per stage, the
+    classifier last; None where the model has none. The one reading of a model's stages (--freeze-stages,
+    --lr-decay)."""
     from timm.models import group_parameters
 
     try:
-        groups = group_parameters(model, model.group_matcher(coarse=True))
+        return group_parameters(model, model.group_matcher(coarse=True))
     except (AttributeError, NotImplementedError):
-        return {}
+        return None
+
+
+def stage_depths(model: torch.nn.Module) -> dict[str, int]:
+    """Each backbone parameter's distance in stages below the top backbone group (the classifier's group is not
+    counted). Empty where the model has no stage groups."""
+    groups = stage_groups(model) or {}
     ids = sorted(groups)[:-1]  # the last group is the classifier
     return {name: len(ids) - 1 - rank for rank, gid in enumerate(ids) for name in groups[gid]}
 

@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .cache import DecodeCache
 from .data import ImageSet, Manifest, apply_cache_failures, split_manifest, trainability
 from .distributed import Dist, log, setup_distributed
-from .loop import TrainSetup, smoothed_targets
+from .loop import TrainSetup, smoothed_targets, stage_groups
 from .table import TableSpec, scan_data
 
 
@@ -121,11 +121,8 @@ def freeze_early(model: torch.nn.Module, stages: int) -> int:
     one group per stage, the head last, which is never frozen). Returns the number of tensors frozen.
     Measured on efficientnet_lite0 at 224 px, batch 32, 2 cores: stem + 3 stages fixed, 27 -> 46 img/s training
     (BENCHMARKS.md, train speed): the early, high-resolution layers cost most of the backward pass."""
-    from timm.models import group_parameters
-
-    try:
-        groups = group_parameters(model, model.group_matcher(coarse=True))
-    except (AttributeError, NotImplementedError):
+    groups = stage_groups(model)
+    if groups is None:
         log(f"--freeze-stages: {type(model).__name__} has no stage groups; every layer trains")
         return 0
     head = max(groups)
