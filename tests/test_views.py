@@ -145,3 +145,23 @@ def test_each_epoch_cycles_the_views(tmp_path):
         assert torch.equal(seen[0][i], seen[3][i])
     meta = json.loads(views.path.with_suffix(".json").read_text())
     assert meta["shape"][:2] == [3, len(prep.train)]
+
+
+def test_a_full_disk_takes_the_ordinary_path_and_leaves_nothing(tmp_path, capfd, monkeypatch):
+    """The views file is allocated before any work: a full disk is an error the run recovers from (a sparse memory
+    map would get SIGBUS in the middle of a batch instead), and no partial file stays behind."""
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    data = make_shapes_folder(tmp_path / "data", n=8)
+    cache = tmp_path / "cache"
+    r = fit(TrainConfig(data=str(data), epochs=1, cached_views=2, cache_dir=str(cache), out=str(tmp_path / "r"),
+                        **LITE))
+    assert r.metrics["cached_views"] is None and len(r.history) == 1
+    err = capfd.readouterr().err
+    assert "could not write" in err and "No space left on device" in err and "Traceback" not in err
+    assert not list((cache / "views").iterdir())

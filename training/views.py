@@ -23,9 +23,11 @@ augmentation (each view seen several times), which that section compares with th
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +191,12 @@ def build(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup, views: 
     folder.mkdir(parents=True, exist_ok=True)
     make_room(folder, 0 if hit else views * per_view, limit_gb, keep=data_path)
     if arr is None:
-        arr = compute_views(model, trunk, train, setup, views, full_shape, np_dtype, data_path, meta_path)
+        try:
+            arr = compute_views(model, trunk, train, setup, views, full_shape, np_dtype, data_path, meta_path)
+        except OSError as e:  # a full or read-only disk: the run goes on without the cache
+            log(f"--cached-views: could not write {views * per_view / 2**30:.2f} GB of views to {folder} "
+                f"({e.strerror or e}); the frozen layers are recomputed every step")
+            return None
     offsets = torch.randint(0, views, (len(train),), generator=torch.Generator().manual_seed(cfg.seed + 31))
     val_h = None
     if len(val):
@@ -252,14 +259,28 @@ def make_room(folder: Path, need: int, limit_gb: float, keep: Path | None = None
         old.with_suffix(".json").unlink(missing_ok=True)
 
 
+def reserve(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` allocated on disk now. A memory-mapped file that is only sparse gets its blocks
+    when it is written, and a full disk then kills the process with SIGBUS in the middle of a batch; allocated up
+    front, a full disk is an OSError (ENOSPC) here, before any work, which the caller turns into the ordinary path."""
+    with open(path, "wb") as f:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        else:  # no fallocate (macOS): at least refuse what the free space says cannot fit
+            if shutil.disk_usage(path.parent).free < nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.truncate(nbytes)
+
+
 def compute_views(model, trunk, train: ImageSet, setup, views: int, shape: tuple, np_dtype, data_path: Path,
                   meta_path: Path) -> np.ndarray:
     """Each view drawn batch by batch from its own generator, through the trunk, into a temporary file renamed
     into place when whole (a stop mid-way leaves nothing half-written to be trusted)."""
     cfg, spec = setup.cfg, setup.spec
     tmp = data_path.with_name(data_path.name + f".{os.getpid()}.tmp")
-    mm = np.memmap(tmp, dtype=np_dtype, mode="w+", shape=shape)
     try:
+        reserve(tmp, int(np.prod(shape)) * np_dtype.itemsize)
+        mm = np.memmap(tmp, dtype=np_dtype, mode="r+", shape=shape)
         for v in range(views):
             gen = torch.Generator().manual_seed(VIEW_SEED + v)
 
