@@ -14,6 +14,7 @@ def test_each_rung_keeps_the_better_half_and_the_reference():
     task = "elpv-binary"
     cands = study.candidates_for(task)
     assert "ordinal" not in cands and "ordinal" in study.candidates_for("elpv-fourclass")
+    assert not set(study.LONGER) & set(cands)  # the epochs are a rung's budget, not a candidate of the halving
     # rung 0 planned: every candidate, seed 0, on the cached path at the first rung's epochs
     todo = study.plan([], task, "0")
     assert sorted(c for c, _, _ in todo) == sorted(cands) and {s for _, s, _ in todo} == {0}
@@ -46,3 +47,13 @@ def test_the_final_rung_confirms_on_the_full_path_with_three_seeds():
     assert {(c, s) for c, s, _ in final} == {(c, s) for c in best + ["new"] for s in range(3)}
     assert final[0][2] == ["--cached-views", "0"]
     assert "| new |" in study.table(rows, [task])
+
+
+def test_longer_training_joins_the_final_rung_on_the_elpv_targets():
+    task = "elpv-binary"
+    rows = [_row(task, c, 0, "0", 0.5 + 0.01 * i) for i, c in enumerate(study.candidates_for(task))]
+    rows += [_row(task, c, s, "1", 0.6) for c in study.survivors(rows, task, 0) for s in (0, 1)]
+    final = {c for c, _, _ in study.plan(rows, task, "final")}
+    assert {"new", "e20", "e30"} <= final and len(final) == study.FINALISTS + 3
+    runs = {c: flags for c, _, flags in study.plan(rows, task, "final")}
+    assert study.CANDIDATES["e30"] == ["--epochs", "30"] and runs["e30"] == ["--cached-views", "0"]
