@@ -314,12 +314,12 @@ def check_label_issues(args: argparse.Namespace) -> dict:
     from training.prepare import start
     from training.probe import probe_features
 
-    cfg = TrainConfig(data=args.data, labels=args.labels or "", path_col=args.path_col or "",
-                      label_col=args.label_col or "", split_col=args.split_col or "", stages="probe",
-                      val_split=args.val_split, max_pixels=args.max_pixels, progress=False,
-                      out=tempfile.mkdtemp(prefix="pupil-check-"))
-    setup, prep = start(cfg)
-    found = issues_of_run(prep, probe_features(prep.model, prep.train, prep.val, setup), cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="pupil-check-") as scratch:  # a run folder that nothing keeps
+        cfg = TrainConfig(data=args.data, labels=args.labels or "", path_col=args.path_col or "",
+                          label_col=args.label_col or "", split_col=args.split_col or "", stages="probe",
+                          val_split=args.val_split, max_pixels=args.max_pixels, progress=False, out=scratch)
+        setup, prep = start(cfg)
+        found = issues_of_run(prep, probe_features(prep.model, prep.train, prep.val, setup), cfg.seed)
     csv_path = Path(args.label_issues_csv or "label_issues.csv")
     write_csv(csv_path, found)
     return {**found, "csv": str(csv_path)}

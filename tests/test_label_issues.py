@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -57,7 +58,13 @@ def test_a_run_lists_the_mislabelled_images_and_drops_them_only_when_asked(tmp_p
 def test_check_label_issues_ranks_the_wrong_labels(tmp_path, capsys, monkeypatch):
     data, wrong = _noisy(tmp_path)
     monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     assert main(["check", str(data), "--label-issues", "--json"]) == 0
+    # no run folder left behind (torch's own per-user compiler cache folder may appear: it is shared, not per call)
+    assert not [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
     report = json.loads(capsys.readouterr().out)
     found = report["label_issues"]
     assert found["flagged"] >= len(wrong) - 1 and (tmp_path / "label_issues.csv").is_file()
