@@ -20,7 +20,8 @@ def gradcam(model: torch.nn.Module, image: np.ndarray, mean: Sequence[float], st
     """(heat map HxW in [0, 1], the class explained, uncalibrated softmax) for one uint8 HxWx3 input crop."""
     model.eval()
     device = next(model.parameters()).device
-    x = normalize(torch.as_tensor(np.ascontiguousarray(image))[None].to(device), mean, std)
+    # a copy: the crop may be a read-only view (a memory-mapped cache, a decoded buffer), which torch warns about
+    x = normalize(torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))[None].to(device), mean, std)
     with torch.enable_grad():
         feats = model.forward_features(x)
         if feats.ndim != 4:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .artifact import Artifact, ArtifactError, locate, read_artifact
+from .decoder import DEFAULT_DECODE_TIMEOUT, shared_pool
 from .explain import Explanation, ExplainUnavailable, class_activation_map, heat_map
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_square
 from .onnxrt import ONNX, onnx_current, onnx_session
@@ -44,12 +45,19 @@ class Predictor:
         amp: str = "auto",
         decode_threads: int = 1,
         device_thread: bool | None = None,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        decode_memory_mb: int | None = None,
     ):
         """backend: torch | onnx | auto (ONNX Runtime on CPU when the artifact carries a current model.onnx, and
         always where torch is not installed). artifact: an Artifact, an artifact directory or a run directory.
         tta: test-time augmentation, the logits of the image and of its mirror image averaged (twice the compute).
         amp: auto (bf16, or fp16 where bf16 is not supported, autocast on CUDA; fp32 elsewhere) | off.
-        decode_threads: images decoded at once by `outputs` (Pillow releases the GIL while decoding).
+        decode_threads: images decoded at once by `outputs` (Pillow releases the GIL while decoding); with a
+        decode_timeout, also the number of decode worker processes.
+        decode_timeout, decode_memory_mb: each image decoded in a worker process that is stopped after this many
+        seconds and cannot use more memory than this (default $PUPIL_DECODE_MEMORY_MB or 1024; models/decoder.py):
+        ImageError `timeout` / `too_many_pixels`.
+        decode_timeout 0: decoded in this process, neither bounded.
         device_thread: run every model call on one long-lived thread, in batches padded to a power of two (default:
         on CUDA, see _init_torch)."""
         if amp not in ("auto", "off"):
@@ -63,6 +71,7 @@ class Predictor:
         self.labels = self.artifact.labels
         self.max_pixels = max_pixels
         self.decode_threads = max(1, decode_threads)
+        self.decoder = shared_pool(self.decode_threads, decode_timeout, decode_memory_mb)
         self.model = self.session = self.device = self.amp = self._device_thread = None
         self._head: np.ndarray | None = None
         # post-hoc logit adjustment chosen on validation for imbalanced data (training.metrics.choose_logit_bias)
@@ -111,8 +120,8 @@ class Predictor:
 
     def load(self, src: Source) -> np.ndarray:
         """Decode and crop one image to the model's input: uint8 HxWx3. Raises models.images.ImageError."""
-        square = load_square(src, self.spec.resize_size, interpolation=self.spec.interpolation,
-                             max_pixels=self.max_pixels)
+        square = (self.decoder.square if self.decoder is not None else load_square)(
+            src, self.spec.resize_size, interpolation=self.spec.interpolation, max_pixels=self.max_pixels)
         return np.ascontiguousarray(center(square, self.spec.input_size))
 
     def logits(self, arrays: np.ndarray) -> np.ndarray:

@@ -6,11 +6,28 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
+from models.decoder import DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS
 from models.runtime import ensure_allocator_env
 
 from .commands import (cmd_build, cmd_check, cmd_compare, cmd_demo, cmd_evaluate, cmd_export, cmd_lr_find, cmd_predict,
                        cmd_serve, cmd_train, cmd_verify)
+
+
+DECODE_TIMEOUT_HELP = (f"seconds one image may take to decode, in a worker process under a memory cap of "
+                       f"$PUPIL_DECODE_MEMORY_MB (default 1024); a slower file is reported as timeout (default "
+                       f"{DEFAULT_DECODE_TIMEOUT:g}; 0: decode in this process, no deadline, no cap)")
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -85,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also find likely label errors (the default backbone's features, out-of-fold probes, confident "
                         "learning): a ranked list, and label_issues.csv")
     c.add_argument("--label-issues-csv", help="where --label-issues writes its CSV (default: ./label_issues.csv)")
+    c.add_argument("--decode-timeout", type=seconds, default=DEFAULT_DECODE_TIMEOUT, help=DECODE_TIMEOUT_HELP)
     for name in ("labels", "path_col", "label_col", "split_col"):
         c.add_argument("--" + name.replace("_", "-"), help=TrainConfig.__dataclass_fields__[name].metadata["help"])
     c.set_defaults(func=cmd_check)
@@ -118,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--threshold", type=float, help="abstain below this calibrated score (default: the artifact's)")
     pr.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image")
+    pr.add_argument("--decode-timeout", type=seconds, default=DEFAULT_DECODE_TIMEOUT, help=DECODE_TIMEOUT_HELP)
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="export the artifact to ONNX or TorchScript, checked against the torch output")
@@ -142,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
     s.add_argument("--port", type=int, default=3000)
     s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--decode-timeout", type=seconds, default=None,
+                   help="seconds one upload may take to decode before it is answered 422 timeout (default "
+                        f"$PUPIL_DECODE_TIMEOUT or {DEFAULT_DECODE_TIMEOUT:g}; 0: no deadline). Memory per decode: "
+                        "$PUPIL_DECODE_MEMORY_MB (1024)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("build", help="bentoml build of the service with this model (a Bento, ready to containerize)")

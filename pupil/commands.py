@@ -78,7 +78,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from models.predictor import Predictor
 
-    pred = Predictor(args.artifact, device=args.device, tta=args.tta, decode_threads=2)
+    pred = Predictor(args.artifact, device=args.device, tta=args.tta, decode_threads=2,
+                     decode_timeout=args.decode_timeout)
     paths = image_paths(args.images)
     status = 0
     writer, fh = None, None
@@ -203,8 +204,11 @@ def store_tag(command: str, target: str) -> str | None:
         return None
 
 
-def serve_env(tag: str) -> dict[str, str]:
-    return {**os.environ, **ALLOCATOR_ENV, "PUPIL_MODEL_TAG": tag, "PUPIL_NO_REEXEC": "1"}
+def serve_env(tag: str, decode_timeout: float | None = None) -> dict[str, str]:
+    env = {**os.environ, **ALLOCATOR_ENV, "PUPIL_MODEL_TAG": tag, "PUPIL_NO_REEXEC": "1"}
+    if decode_timeout is not None:
+        env["PUPIL_DECODE_TIMEOUT"] = f"{decode_timeout:g}"
+    return env
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -214,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"pupil serve: model {tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
            "--host", args.host, "--port", str(args.port)]
-    os.execve(sys.executable, cmd, serve_env(tag))
+    os.execve(sys.executable, cmd, serve_env(tag, args.decode_timeout))
     return 0  # not reached
 
 
@@ -254,7 +258,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from training.table import TableSpec, scan_data
 
     spec = TableSpec(args.labels or "", args.path_col or "", args.label_col or "", args.split_col or "")
-    m = split_manifest(scan_data(args.data, spec, max_pixels=args.max_pixels, verify=True), args.val_split, 0)
+    m = split_manifest(scan_data(args.data, spec, max_pixels=args.max_pixels, verify=True,
+                                 decode_timeout=args.decode_timeout), args.val_split, 0)
     reason = trainability(m)
     counts = m.counts()
     splits = {s: m.counts(s) for s in SPLITS if m.usable(s)}
@@ -317,7 +322,8 @@ def check_label_issues(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="pupil-check-") as scratch:  # a run folder that nothing keeps
         cfg = TrainConfig(data=args.data, labels=args.labels or "", path_col=args.path_col or "",
                           label_col=args.label_col or "", split_col=args.split_col or "", stages="probe",
-                          val_split=args.val_split, max_pixels=args.max_pixels, progress=False, out=scratch)
+                          val_split=args.val_split, max_pixels=args.max_pixels, progress=False, out=scratch,
+                          decode_timeout=args.decode_timeout)
         setup, prep = start(cfg)
         found = issues_of_run(prep, probe_features(prep.model, prep.train, prep.val, setup), cfg.seed)
     csv_path = Path(args.label_issues_csv or "label_issues.csv")

@@ -126,7 +126,8 @@ class ImageClassifier:
         t0 = time.perf_counter()
         try:
             self.predictor = Predictor(path, device=s.device, max_pixels=s.max_pixels, backend=s.backend,
-                                       threads=s.threads, tta=s.tta, amp=s.amp, decode_threads=s.decode_threads)
+                                       threads=s.threads, tta=s.tta, amp=s.amp, decode_threads=s.decode_threads,
+                                       decode_timeout=s.decode_timeout, decode_memory_mb=s.decode_memory_mb)
         except Exception as e:  # name the file at fault and refuse to start
             logger.error("pupil: cannot load the model %s from %s: %s", s.model_tag, path, e)
             raise

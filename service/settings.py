@@ -11,6 +11,11 @@
     PUPIL_THREADS          intra-op threads per request on CPU                     1
     PUPIL_HANDLER_THREADS  requests handled at once per worker                     one per core (batching: max batch)
     PUPIL_DECODE_THREADS   threads decoding the files of one /classify_batch       one per core
+                           (and the decode worker processes of each server process)
+    PUPIL_DECODE_TIMEOUT   seconds one image may take to decode (over it: 422      5
+                           timeout; 0: decode in the server process, no deadline)
+    PUPIL_DECODE_MEMORY_MB a decode worker's address space (over it: 413           1024
+                           too_many_pixels)
     PUPIL_BATCHING         auto (on with CUDA, off on CPU) | on | off              auto
     PUPIL_MAX_BATCH, PUPIL_BATCH_WAIT_MS   the adaptive batcher                     32, 5
     PUPIL_TTA              1: average each image with its mirror image             0
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from models.decoder import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS
 
 MB = 1024 * 1024
@@ -74,7 +80,9 @@ class Settings:
     backend: str = "auto"
     threads: int = 1
     handler_threads: int = 1
-    decode_threads: int = 1
+    decode_threads: int = 1  # also the number of decode worker processes (models/decoder.py)
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # PUPIL_DECODE_TIMEOUT: seconds per image's decode (0: no deadline)
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB  # PUPIL_DECODE_MEMORY_MB: a decode worker's address space
     batching: bool = False
     max_batch: int = 32
     batch_wait_ms: float = 5.0
@@ -118,6 +126,8 @@ class Settings:
             threads=num("PUPIL_THREADS", 1),
             handler_threads=max(1, handler),
             decode_threads=max(1, num("PUPIL_DECODE_THREADS", cores())),
+            decode_timeout=max(0.0, num("PUPIL_DECODE_TIMEOUT", DEFAULT_DECODE_TIMEOUT, float)),
+            decode_memory_mb=max(64, num("PUPIL_DECODE_MEMORY_MB", DEFAULT_DECODE_MEMORY_MB, lambda v: int(float(v)))),
             batching=batching,
             max_batch=max_batch,
             batch_wait_ms=num("PUPIL_BATCH_WAIT_MS", 5.0, float),

@@ -116,3 +116,16 @@ def test_a_tiny_file_of_extreme_shape_costs_only_its_output(w, h):
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grew_mb < 50, f"peak memory grew by {grew_mb:.0f} MB"
     assert time.perf_counter() - t0 < 5  # a sanity bound, not a benchmark: it took over 8 s before the fix
+
+
+@pytest.mark.parametrize("error", [RuntimeError("colour plane damaged"), MemoryError()])
+def test_an_error_raised_after_the_decode_is_still_a_problem_code(monkeypatch, error):
+    """A plugin that decodes lazily (on the resize, after decode_image returned) raises there: load_square turns it
+    into its problem, like every other decoder error (an AVIF with a damaged colour plane escaped as RuntimeError)."""
+    def lazy(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Image.Image, "resize", lazy)
+    with pytest.raises(ImageError) as e:
+        load_square(GOOD["rgba.png"][0], 32)
+    assert e.value.problem == ("too_many_pixels" if isinstance(error, MemoryError) else "corrupt")

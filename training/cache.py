@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from models.images import DEFAULT_MAX_PIXELS, ImageError, load_square
+from models.decoder import DEFAULT_DECODE_TIMEOUT, decode_many, shared_pool
+from models.images import DEFAULT_MAX_PIXELS
 
 from .distributed import live_bars
 
@@ -22,13 +23,7 @@ def default_cache_dir() -> Path:
 
 
 def decode_one(args: tuple[str, int, str, int]) -> tuple[np.ndarray | None, str | None, str | None]:
-    path, size, interpolation, max_pixels = args
-    try:
-        return load_square(path, size, interpolation=interpolation, max_pixels=max_pixels), None, None
-    except ImageError as e:
-        return None, e.problem, e.detail
-    except Exception as e:  # a decoder bug must not stop training either
-        return None, "corrupt", f"{type(e).__name__}: {e}"
+    return decode_many([args], None)[0]
 
 
 @dataclass
@@ -57,6 +52,7 @@ class DecodeCache:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         workers: int | None = None,
         progress: bool = False,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     ) -> "DecodeCache":
         root = Path(root)
         uniq: dict = {}  # sha256 -> the first record with that content
@@ -77,7 +73,7 @@ class DecodeCache:
                 pass  # a damaged cache is rebuilt, never trusted
         cache_dir.mkdir(parents=True, exist_ok=True)
         jobs = [(str(root / uniq[h].path), size, interpolation, max_pixels) for h in hashes]
-        results = map_images(jobs, workers, progress)
+        results = map_images(jobs, workers, progress, decode_timeout)
         index: dict[str, int] = {}
         failed: dict[str, tuple[str, str]] = {}
         arrays = []
@@ -102,21 +98,25 @@ class DecodeCache:
         return cls(images, index, failed, len(jobs), data_path)
 
 
-def verify_one(args: tuple[str, int, str, int]) -> tuple[str | None, str | None]:
-    _, problem, detail = decode_one(args)
-    return problem, detail
-
-
-def map_images(jobs: list, workers: int | None, progress: bool, fn=decode_one) -> list:
-    """fn over jobs, in order, on `workers` processes (the decode is CPU-bound and holds the GIL in places)."""
+def map_images(jobs: list, workers: int | None, progress: bool,
+               decode_timeout: float = DEFAULT_DECODE_TIMEOUT) -> list[tuple[np.ndarray | None, str | None, str | None]]:
+    """(uint8 square, None, None) or (None, problem, detail) for each (path, size, interpolation, max_pixels) job, in
+    order, on `workers` decode processes: each decode under models.decoder's deadline and memory cap, a file past
+    them a problem like any other. decode_timeout 0: no deadline, forked workers (or this process for a few files)."""
     from tqdm import tqdm
 
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    bar = dict(total=len(jobs), desc="decode (once)", unit="img", disable=not live_bars(progress), leave=False)
-    if workers <= 1 or len(jobs) < 16:
-        return [fn(j) for j in tqdm(jobs, **bar)]
-    import multiprocessing as mp
+    bar = tqdm(total=len(jobs), desc="decode (once)", unit="img", disable=not live_bars(progress), leave=False)
+    with bar:
+        pool = shared_pool(workers, decode_timeout)
+        if pool is not None or workers <= 1 or len(jobs) < 16:
+            return decode_many(jobs, pool, lambda: bar.update())
+        import multiprocessing as mp
 
-    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    with ctx.Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, jobs, chunksize=8), **bar))
+        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with ctx.Pool(workers) as fork_pool:
+            out = []
+            for r in fork_pool.imap(decode_one, jobs, chunksize=8):
+                out.append(r)
+                bar.update()
+            return out

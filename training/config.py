@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from models.decoder import DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS
 
 
@@ -140,6 +141,9 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in --out from its last.pt (same settings, same result)")
     cache_dir: str = opt("", "decode cache (default $PUPIL_CACHE or ~/.cache/pupil)")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "images over this many pixels are skipped as too_many_pixels")
+    decode_timeout: float = opt(DEFAULT_DECODE_TIMEOUT, "seconds one image may take to decode (in a worker process "
+                                "under a memory cap of $PUPIL_DECODE_MEMORY_MB, default 1024); slower files are "
+                                "skipped as timeout. 0: decode in-process, no deadline, no cap")
     limit_per_class: int = opt(0, "use at most N training images per class (0: all), for quick trials")
     width: int = opt(32, "small_cnn only: channels of the first stage")
     depth: int = opt(4, "small_cnn only: number of conv-conv-maxpool stages")
@@ -167,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"--lr-decay is a fraction in [0, 1] (0: off), not {c.lr_decay}")
         if c.average_last < 0:
             raise ValueError(f"--average-last is a number of epochs, 0 or more, not {c.average_last}")
+        if not c.decode_timeout >= 0:
+            raise ValueError(f"--decode-timeout is a number of seconds, 0 or more (0: no deadline), not {c.decode_timeout}")
         if c.cached_views < 0 or c.view_cache_gb <= 0:
             raise ValueError("--cached-views is a number of views, 0 or more, and --view-cache-gb a positive size")
         if not 0.0 < c.crop_scale <= 1.0:

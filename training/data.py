@@ -23,9 +23,10 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from models.decoder import DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
 
-from .cache import DecodeCache, map_images, verify_one
+from .cache import DecodeCache, map_images
 
 SPLITS = ("train", "val", "test")
 # the folder names of an already split data set (any case): DATA/train, DATA/val|valid|validation, DATA/test
@@ -152,7 +153,7 @@ def record(root: Path, path: Path, label: str, max_pixels: int) -> FileRecord:
 
 
 def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = False,
-         workers: int | None = None) -> Manifest:
+         workers: int | None = None, decode_timeout: float = DEFAULT_DECODE_TIMEOUT) -> Manifest:
     """Build the manifest of `root`: class-per-folder, or already split into train/ val/ (test/).
 
     Reading the header finds most problems; `verify=True` also decodes every image (at a reduced JPEG scale) to find
@@ -185,16 +186,18 @@ def scan(root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool
                 files.append(record(root, p, d.name, max_pixels))
     mark_duplicates(files)
     if verify:
-        verify_files(root, files, max_pixels, workers)
+        verify_files(root, files, max_pixels, workers, decode_timeout)
     return Manifest(root=str(root), classes=classes, files=files, presplit=presplit)
 
 
-def verify_files(root: Path, files: list[FileRecord], max_pixels: int, workers: int | None = None) -> None:
-    """Decode every file still usable (at a reduced scale) and record the problems the headers did not show."""
+def verify_files(root: Path, files: list[FileRecord], max_pixels: int, workers: int | None = None,
+                 decode_timeout: float = DEFAULT_DECODE_TIMEOUT) -> None:
+    """Decode every file still usable (at a reduced scale, under the decode deadline and memory cap) and record the
+    problems the headers did not show."""
     todo = [f for f in files if f.problem is None]
     results = map_images([(str(root / f.path), 64, "bilinear", max_pixels) for f in todo], workers, progress=False,
-                         fn=verify_one)
-    for f, (problem, detail) in zip(todo, results):
+                         decode_timeout=decode_timeout)
+    for f, (_, problem, detail) in zip(todo, results):
         if problem:
             f.problem, f.detail = problem, detail
 

@@ -95,7 +95,8 @@ def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
         if (turn == 0) == dist.main:
             cache = DecodeCache.build(cfg.data, used, spec.resize_size, interpolation=spec.interpolation,
                                       cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                      max_pixels=cfg.max_pixels, workers=cfg.workers, progress=cfg.progress)
+                                      max_pixels=cfg.max_pixels, workers=cfg.workers, progress=cfg.progress,
+                                      decode_timeout=cfg.decode_timeout)
         dist.barrier()
     assert cache is not None
     apply_cache_failures(manifest.files, cache)

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.decoder import DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS
 
 from .data import SPLIT_FOLDERS, FileRecord, Manifest, hidden, mark_duplicates, record, scan, verify_files, walk_files
@@ -58,15 +59,17 @@ def find_table(root: Path, spec: TableSpec) -> Path | None:
 
 
 def scan_data(root: str | Path, spec: TableSpec | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-              verify: bool = False, workers: int | None = None) -> Manifest:
+              verify: bool = False, workers: int | None = None,
+              decode_timeout: float = DEFAULT_DECODE_TIMEOUT) -> Manifest:
     """The manifest of DATA: from its labels table where it has one (or one is given), else from its folders."""
     root = Path(root)
     if not root.is_dir():
-        return scan(root, max_pixels=max_pixels, verify=verify, workers=workers)  # the folder's own error
+        return scan(root, max_pixels=max_pixels, verify=verify, workers=workers, decode_timeout=decode_timeout)  # the folder's own error
     table = find_table(root, spec or TableSpec())
     if table is None:
-        return scan(root, max_pixels=max_pixels, verify=verify, workers=workers)
-    return scan_table(root, table, spec or TableSpec(), max_pixels=max_pixels, verify=verify, workers=workers)
+        return scan(root, max_pixels=max_pixels, verify=verify, workers=workers, decode_timeout=decode_timeout)
+    return scan_table(root, table, spec or TableSpec(), max_pixels=max_pixels, verify=verify, workers=workers,
+                      decode_timeout=decode_timeout)
 
 
 def _dialect(sample: str) -> type[csv.Dialect] | csv.Dialect:
@@ -133,7 +136,8 @@ def _inside(root_real: Path, root: Path, raw: str) -> tuple[Path | None, str]:
 
 
 def scan_table(root: Path, table: Path, spec: TableSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               verify: bool = False, workers: int | None = None) -> Manifest:
+               verify: bool = False, workers: int | None = None,
+               decode_timeout: float = DEFAULT_DECODE_TIMEOUT) -> Manifest:
     rows, _ = read_rows(table, spec)
     root_real = root.resolve()
     files: list[FileRecord] = []
@@ -178,7 +182,7 @@ def scan_table(root: Path, table: Path, spec: TableSpec, *, max_pixels: int = DE
                 r.problem, r.detail = "duplicate_row", "the same file and label in another row"
     mark_duplicates(files)
     if verify:
-        verify_files(root, files, max_pixels, workers)
+        verify_files(root, files, max_pixels, workers, decode_timeout)
     named = set(by_path) | mentioned
     table_real = table.resolve()
     unlisted = 0

@@ -108,3 +108,19 @@ def test_soak_mixed_load(server):
     assert counts["ok"] + counts["4xx"] == TOTAL
     assert rss_after <= rss_warm * 1.15, (rss_warm, rss_after)
     assert server.alive()
+
+
+@pytest.mark.slow
+def test_a_short_run_of_the_soak_bench(server):
+    """bench/soak.py's traffic for 20 s against the real server (the bench itself runs 30 minutes against the
+    container image under a 1 GB cgroup): good, broken and fuzzed files and /classify_batch mixes at 8 in flight;
+    no 5xx, no dropped connection, every good image answered, every batch one entry per file."""
+    from bench.soak import traffic
+
+    rss = []
+    summary = traffic(server.url, 20, concurrency=8, seed=1, sample=lambda: rss.append(1) or 0.0)
+    assert summary["requests"] > 20 and summary["minutes"][0]["requests"] == summary["requests"]
+    assert summary["5xx"] == 0 and summary["connection_errors"] == 0 and summary["broken_contracts"] == 0, summary
+    statuses = {int(s) for s in summary["by_status"]}
+    assert 200 in statuses and statuses & {400, 413, 415, 422} and statuses <= {200, 400, 413, 415, 422}
+    assert len(rss) >= 3 and server.alive()  # sampled every 5 s

@@ -1,0 +1,73 @@
+"""The container image against `pupil serve`, same model, same payloads, same client, same concurrency.
+
+Both sides serve the same artifact's ONNX model on ONNX Runtime (the CPU image has no torch; `pupil serve` picks
+ONNX Runtime on a CPU too), with the same allocator settings (the image's bentofile envs are `pupil serve`'s
+ALLOCATOR_ENV) and their defaults for threads; the image runs under `buildah run --isolation chroot` (no cgroup
+limits), `pupil serve` from this checkout's .venv. Requests: bench.serve_load's mix of real photo sizes made from
+ELPV cells (300x300 PNG to 12 MP JPEG) on /classify. Each repeat starts each side afresh, one after the other (the
+order alternates), warms it up, then sends --count requests at --concurrency in flight. 3 repeats: min, median,
+max of requests per second; the headline is the ratio of medians (image / serve; goal >= 1.0).
+
+    python -m bench.image_vs_serve [--artifact runs/demo] [--count 200] [--concurrency 8] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+
+from bench.common import header, ratio, row
+from bench.serve_load import load, payloads
+
+
+def start(side: str, artifact: str):
+    from pupil.server import Server, free_port
+
+    port = free_port()
+    if side == "image":
+        from deploy.buildah import ENTRYPOINT, IMAGE, buildah
+
+        ctr = subprocess.run(buildah("from", f"{IMAGE}:latest"), check=True, capture_output=True,
+                             text=True).stdout.strip()
+        cmd = buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", ctr, "--", ENTRYPOINT)
+        return Server(cmd, port=port, timeout=300).start(), ctr
+    return Server.for_artifact(artifact, port=port, timeout=300).start(), None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", default="runs/demo")
+    ap.add_argument("--count", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    header("the container image against pupil serve")
+    from deploy.buildah import buildah
+
+    items = payloads()
+    rps: dict[str, list[float]] = {"image": [], "serve": []}
+    lat: dict[str, list[float]] = {"image": [], "serve": []}
+    for r in range(args.repeats):
+        for side in (("image", "serve") if r % 2 == 0 else ("serve", "image")):
+            server, ctr = start(side, args.artifact)
+            try:
+                out = load(f"{server.url}/classify", items, args.count, args.concurrency)
+            finally:
+                server.stop()
+                if ctr:
+                    subprocess.run(buildah("rm", ctr), capture_output=True)
+            if out["errors"]:
+                print(f"{side}: {out['errors']} failed requests", file=sys.stderr)
+            rps[side].append(out["rps"])
+            lat[side] += out["lat"]
+            print(f"repeat {r + 1} {side}: {out['rps']:.1f} requests/s", flush=True)
+    for side in ("image", "serve"):
+        q = statistics.quantiles(lat[side], n=100)
+        print(row(f"{side} ({args.count} requests, {args.concurrency} in flight)", rps[side], "req/s", 44)
+              + f"   p50 {1000 * q[49]:.0f} ms, p99 {1000 * q[98]:.0f} ms")
+    print(ratio("image / pupil serve, requests per second", rps["image"], rps["serve"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Decoding under a deadline and a memory cap: worker processes that can be killed.
+
+A header shows what most hostile files would cost (models/images.py refuses those before decoding), but not all: a
+large WebP or GIF, a PSD, a JPEG of 199 large scans, a slow path in a plugin. A thread cannot be stopped inside C
+code, so every decode that must be bounded runs in a small worker process:
+
+- the deadline: a decode that has not answered after `timeout` seconds is `timeout` (ImageError, 422); its worker
+  is killed and another takes its place, so the next file is decoded as if nothing had happened;
+- the memory cap: each worker runs under RLIMIT_AS = `memory_mb`, so a decode that needs more fails inside the
+  worker with MemoryError (`too_many_pixels`, 413), never in the caller;
+- a worker that dies (a decoder crash, a signal) is `corrupt` with the signal named; the caller goes on;
+- each worker is replaced after `max_tasks` decodes, or at once when it holds more than RETIRE_RSS after one, so
+  memory a decoder kept (fragmented heaps) goes back to the system after a burst of large files.
+
+Workers are plain `python -c` processes that import only this package's decoding (Pillow and NumPy: some 30 MB
+resident), not the caller's program (multiprocessing's spawn would import a BentoML worker's main module, torch
+included, into each of them). They talk over two pipes in plain bytes (a JSON header, then the file or the pixels:
+nothing is unpickled, so a worker a hostile file took over cannot run code in the server through its answer, and the
+answer's size and form are checked), with stderr closed, so a decoder's C-level warnings (libtiff's) never reach the
+user's console. They die with their parent (a thread in each checks its parent every second) and exit when their
+pipe closes.
+
+`timeout=0` decodes in the calling process, with neither deadline nor cap (what the library calls did before).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .images import DEFAULT_MAX_PIXELS, PROBLEM_STATUS, ImageError, load_square, probe_image
+
+DEFAULT_DECODE_TIMEOUT = 5.0  # seconds; a 50 MP JPEG decodes in about 0.6 s here, a 50 MP PNG in about 1.4 s
+DEFAULT_DECODE_MEMORY_MB = 1024  # address space per worker: a 42 MP RGBA PNG decodes in it; $PUPIL_DECODE_MEMORY_MB
+MAX_TASKS = 200  # decodes before a worker is replaced
+RETIRE_RSS = 256 * 2**20  # a worker that holds more than this after a decode is replaced (the memory goes back)
+MAX_HEADER = 64 * 1024  # bytes of a worker's JSON header: a problem and its detail
+START_TIMEOUT = 60.0  # seconds for a worker to import Pillow and NumPy (0.2 s here; much more on a loaded machine)
+ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `models` package
+
+_WORKER = """
+import sys
+from models.decoder import worker_main
+worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+def worker_main(rfd: int, wfd: int, memory_mb: int) -> None:
+    """A worker's loop, until the pipe closes: in, a JSON header (path or null, size, interpolation, max_pixels) and
+    the file's bytes (empty for a path); out, a JSON header ({"ok": true} or {"ok": false, "problem", "detail"}, and
+    "retire": this worker holds over RETIRE_RSS, replace it) and the square's size x size x 3 bytes (empty for a
+    problem)."""
+    parent = os.getppid()
+
+    def orphaned() -> None:  # die with the parent, whatever the decode is doing (PR_SET_PDEATHSIG would fire when the
+        while True:          # parent's *thread* that started this worker ends: a thread pool's threads do)
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    if memory_mb:
+        import resource
+
+        cap = int(memory_mb) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    inbox, outbox = Connection(rfd, writable=False), Connection(wfd, readable=False)
+    outbox.send_bytes(b"ready")  # imported: the deadline of the first decode counts the decode only
+    while True:
+        try:
+            job = json.loads(inbox.recv_bytes())
+            payload = inbox.recv_bytes()
+        except (EOFError, OSError, ValueError):
+            return
+        src = job["path"] if job["path"] is not None else payload
+        size = int(job["size"])
+        pixels = b""
+        try:
+            if memory_mb:
+                check_memory(src, job["max_pixels"], int(memory_mb) * 2**20)
+            square = load_square(src, size, interpolation=job["interpolation"], max_pixels=job["max_pixels"])
+            head, pixels = {"ok": True}, square.tobytes()
+        except ImageError as e:
+            head = {"ok": False, "problem": e.problem, "detail": e.detail}
+        except MemoryError:
+            head = {"ok": False, "problem": "too_many_pixels",
+                    "detail": f"decoding needs more than the {memory_mb} MB a decode may use"}
+        except Exception as e:  # never lose the worker to a decoder's bug
+            head = {"ok": False, "problem": "corrupt", "detail": f"{type(e).__name__}: {e}"}
+        head["retire"] = resident() > RETIRE_RSS  # kept too much after a large file: replace me
+        outbox.send_bytes(json.dumps(head).encode())
+        outbox.send_bytes(pixels)
+
+
+def resident() -> int:
+    """This process's resident bytes (0 where /proc is missing)."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def check_memory(src, max_pixels: int, cap: int) -> None:
+    """Refuse at once (too_many_pixels) a file whose decoded pixels alone, as its header gives them, would not fit
+    in what the cap leaves this process: the decode would fail anyway, after burning its share of a CPU."""
+    info = probe_image(src, max_pixels)
+    need = info.width * info.height * (1 if info.mode in ("1", "L", "P") else 2 if info.mode.startswith("I;16") else 4)
+    try:
+        in_use = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return  # no /proc: the cap alone decides
+    if need > cap - in_use:
+        raise ImageError("too_many_pixels", f"{info.width}x{info.height} {info.mode} needs {need / 2**20:.0f} MB to "
+                                            f"decode, over the {cap / 2**20:.0f} MB a decode may use")
+
+
+class _Worker:
+    def __init__(self, memory_mb: int):
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # no container malloc tuning:
+        # every allocation over 1 MB its own mapping (no dynamic threshold): a decode's memory goes back when freed
+        env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                   OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2",
+                   MALLOC_MMAP_THRESHOLD_=str(2**20))
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(to_r), str(from_w), str(int(memory_mb))],
+                                     pass_fds=(to_r, from_w), env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+        os.close(to_r)
+        os.close(from_w)
+        self.send, self.recv = Connection(to_w, readable=False), Connection(from_r, writable=False)
+        self.tasks = 0
+        try:
+            ready = self.recv.poll(START_TIMEOUT) and self.recv.recv_bytes(16) == b"ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.kill()
+            raise RuntimeError(f"a decode worker did not start within {START_TIMEOUT:g} s (exit status "
+                               f"{self.proc.returncode}): {sys.executable} -c 'import models.images' should work")
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        self.proc.wait()
+        self.close_pipes()
+
+    def retire(self) -> None:
+        """Close the pipe: the worker reads EOF and exits; reaped without waiting on it."""
+        self.close_pipes()
+        threading.Thread(target=self.proc.wait, daemon=True).start()
+
+    def close_pipes(self) -> None:
+        for c in (self.send, self.recv):
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def _died(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"the decoder process died on this file ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"the decoder process died on this file (exit status {code})"
+
+
+class DecodePool:
+    """`square()` is models.images.load_square under a deadline and a memory cap (this module's docstring). Safe to
+    call from many threads: each call takes an idle worker (at most `workers` of them; started when first needed)."""
+
+    def __init__(self, workers: int = 2, timeout: float = DEFAULT_DECODE_TIMEOUT,
+                 memory_mb: int = DEFAULT_DECODE_MEMORY_MB, max_tasks: int = MAX_TASKS):
+        self.workers, self.timeout, self.memory_mb, self.max_tasks = max(1, workers), timeout, memory_mb, max_tasks
+        self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
+        self._started = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.stats = {"decodes": 0, "timeouts": 0, "deaths": 0, "replaced": 0}
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decode pool is closed")
+            if self._idle.empty() and self._started < self.workers:
+                self._started += 1
+                try:
+                    return _Worker(self.memory_mb)
+                except BaseException:
+                    self._started -= 1
+                    raise
+        return self._idle.get()
+
+    def _give_back(self, w: _Worker) -> None:
+        with self._lock:
+            if self._closed:
+                self._started -= 1
+                w.retire()
+                return
+        self._idle.put(w)
+
+    def square(self, src, size: int, interpolation: str = "bicubic",
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Decode, resize the shorter side to `size`, centre-crop the square (load_square), in a worker. Raises
+        ImageError, including `timeout` past the deadline."""
+        if isinstance(src, memoryview):
+            src = bytes(src)
+        elif isinstance(src, Path):
+            src = str(src)
+        w = self._take()
+        if w.proc.poll() is not None:  # it died while idle (killed from outside): this file gets a fresh one
+            w.close_pipes()
+            try:
+                w = _Worker(self.memory_mb)
+            except BaseException:
+                with self._lock:
+                    self._started -= 1
+                raise
+        keep: _Worker | None = w
+        try:
+            t0 = time.monotonic()
+            try:
+                is_path = isinstance(src, str)
+                w.send.send_bytes(json.dumps({"path": src if is_path else None, "size": size,
+                                              "interpolation": interpolation, "max_pixels": max_pixels}).encode())
+                w.send.send_bytes(b"" if is_path else src)
+                head = None
+                if w.recv.poll(self.timeout):
+                    head = json.loads(w.recv.recv_bytes(MAX_HEADER))
+                    if not w.recv.poll(self.timeout):  # the pixels follow the header at once
+                        raise OSError("no pixels after the header")
+                    pixels = w.recv.recv_bytes(size * size * 3 + 1)
+            except (EOFError, OSError, ValueError):  # died, or answered what no worker of ours sends
+                keep = None
+                w.kill()
+                self.stats["deaths"] += 1
+                raise ImageError("corrupt", _died(w.proc.returncode)) from None
+            if head is None:
+                keep = None
+                w.kill()
+                self.stats["timeouts"] += 1
+                raise ImageError("timeout", f"decoding took longer than {self.timeout:g} s "
+                                            f"(stopped after {time.monotonic() - t0:.1f} s)")
+            self.stats["decodes"] += 1
+            w.tasks += 1
+            if w.tasks >= self.max_tasks or head.get("retire"):
+                keep = None
+                w.retire()
+                self.stats["replaced"] += 1
+            if head.get("ok") is True and len(pixels) == size * size * 3:
+                return np.frombuffer(pixels, dtype=np.uint8).reshape(size, size, 3)
+            problem = head.get("problem")
+            if problem not in PROBLEM_STATUS or head.get("ok") is not False:
+                keep = None
+                w.kill()
+                raise ImageError("corrupt", "the decoder process gave an answer of the wrong form")
+            raise ImageError(problem, str(head.get("detail", ""))[:2000])
+        finally:
+            if keep is None:
+                with self._lock:
+                    self._started -= 1
+            else:
+                self._give_back(keep)
+
+    def map(self, jobs: Sequence[tuple], on_done: Callable[[], None] | None = None) -> list:
+        """square(*job) for each (src, size, interpolation, max_pixels) job, in order, `workers` at a time:
+        (uint8 array, None, None) or (None, problem, detail) per job."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(job):
+            try:
+                out = (self.square(*job), None, None)
+            except ImageError as e:
+                out = (None, e.problem, e.detail)
+            if on_done:
+                on_done()
+            return out
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="pupil-decode") as ex:
+            return list(ex.map(one, jobs))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle = []
+            while not self._idle.empty():
+                idle.append(self._idle.get())
+            self._started -= len(idle)
+        for w in idle:
+            w.retire()
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_SHARED: dict[tuple, DecodePool] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def memory_mb_from_env(env=os.environ) -> int:
+    """$PUPIL_DECODE_MEMORY_MB (the service's setting, and every command's), else DEFAULT_DECODE_MEMORY_MB."""
+    raw = env.get("PUPIL_DECODE_MEMORY_MB", "")
+    try:
+        return int(float(raw)) if raw else DEFAULT_DECODE_MEMORY_MB
+    except ValueError:
+        raise ValueError(f"PUPIL_DECODE_MEMORY_MB={raw!r} is not a number of megabytes") from None
+
+
+def shared_pool(workers: int, timeout: float = DEFAULT_DECODE_TIMEOUT,
+                memory_mb: int | None = None) -> DecodePool | None:
+    """One pool per (workers, timeout, memory) in this process, closed at exit; None when timeout is 0 (decode in
+    this process). memory_mb None: memory_mb_from_env()."""
+    if not timeout or timeout <= 0:
+        return None
+    key = (max(1, workers), float(timeout), int(memory_mb if memory_mb is not None else memory_mb_from_env()))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = DecodePool(*key)
+        return _SHARED[key]
+
+
+@atexit.register
+def _close_shared() -> None:
+    for pool in _SHARED.values():
+        pool.close()
+
+
+def decode_many(jobs: Iterable[tuple], pool: DecodePool | None, on_done: Callable[[], None] | None = None) -> list:
+    """(array, problem, detail) per (src, size, interpolation, max_pixels) job, in order: on the pool, or here."""
+    if pool is not None:
+        return pool.map(list(jobs), on_done)
+    out = []
+    for src, size, interpolation, max_pixels in jobs:
+        try:
+            out.append((load_square(src, size, interpolation=interpolation, max_pixels=max_pixels), None, None))
+        except ImageError as e:
+            out.append((None, e.problem, e.detail))
+        except Exception as e:  # a decoder bug must not stop the caller
+            out.append((None, "corrupt", f"{type(e).__name__}: {e}"))
+        if on_done:
+            on_done()
+    return out
+
+
+__all__ = ["DEFAULT_DECODE_MEMORY_MB", "DEFAULT_DECODE_TIMEOUT", "DecodePool", "decode_many", "memory_mb_from_env",
+           "shared_pool"]
