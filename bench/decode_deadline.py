@@ -7,8 +7,12 @@ Two workloads, each 3 repeats (min, median, max; the headline is the ratio of me
            (--decode-timeout 0); same files, same outputs (checked), same 2 processes
   request  the service's path, one upload at a time: load_square of phone-size JPEGs (2000x1500, bytes in memory)
            at 256 px, in this process against on a decode worker (the bytes sent over a pipe, the square back)
+  service  what a client sees: `pupil serve --artifact` with PUPIL_DECODE_TIMEOUT=5 (decode workers) against 0 (in
+           the server process), bench.serve_load's photo mix on /classify, --count requests at 8 in flight; each
+           repeat starts each side afresh, the order alternating
 
-    python -m bench.decode_deadline [--images 400] [--requests 100] [--repeats 3]
+    python -m bench.decode_deadline [--images 400] [--requests 100] [--artifact runs/demo] [--count 200]
+                                    [--repeats 3]
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--artifact", default="runs/demo", help="for the service workload ('' to skip it)")
+    ap.add_argument("--count", type=int, default=200)
     args = ap.parse_args()
     header("the decode deadline's cost on good images")
     from models.decoder import DecodePool, shared_pool
@@ -75,6 +81,23 @@ def main() -> None:
     print(row("  on a decode worker (deadline 5 s)", worker, "img/s"))
     print(row("  in this process (no deadline)", inproc, "img/s"))
     print("  " + ratio("deadline / none, images per second", worker, inproc))
+
+    if args.artifact:
+        from bench.serve_load import load
+        from bench.serve_load import payloads as photos
+        from pupil.server import Server
+
+        items = photos()
+        rps: dict[str, list[float]] = {"5": [], "0": []}
+        for r in range(args.repeats):
+            for timeout in (("5", "0") if r % 2 == 0 else ("0", "5")):
+                with Server.for_artifact(args.artifact, env={"PUPIL_DECODE_TIMEOUT": timeout}, timeout=300) as s:
+                    rps[timeout].append(load(f"{s.url}/classify", items, args.count, 8)["rps"])
+        print(f"service: pupil serve {args.artifact}, {args.count} requests of photo sizes (300 px to 12 MP) at 8 in "
+              "flight")
+        print(row("  PUPIL_DECODE_TIMEOUT=5 (decode workers)", rps["5"], "req/s"))
+        print(row("  PUPIL_DECODE_TIMEOUT=0 (in the server)", rps["0"], "req/s"))
+        print("  " + ratio("deadline / none, requests per second", rps["5"], rps["0"]))
 
 
 if __name__ == "__main__":

@@ -79,8 +79,7 @@ def worker_main(rfd: int, wfd: int, memory_mb: int) -> None:
     outbox.send_bytes(b"ready")  # imported: the deadline of the first decode counts the decode only
     while True:
         try:
-            job = json.loads(inbox.recv_bytes())
-            payload = inbox.recv_bytes()
+            job, payload = unpack(inbox.recv_bytes())
         except (EOFError, OSError, ValueError):
             return
         src = job["path"] if job["path"] is not None else payload
@@ -99,8 +98,24 @@ def worker_main(rfd: int, wfd: int, memory_mb: int) -> None:
         except Exception as e:  # never lose the worker to a decoder's bug
             head = {"ok": False, "problem": "corrupt", "detail": f"{type(e).__name__}: {e}"}
         head["retire"] = resident() > RETIRE_RSS  # kept too much after a large file: replace me
-        outbox.send_bytes(json.dumps(head).encode())
-        outbox.send_bytes(pixels)
+        outbox.send_bytes(pack(head, pixels))
+
+
+def pack(head: dict, body: bytes) -> bytes:
+    """One message: the JSON header's length (4 bytes), the header, the body. One write each way: every message is
+    a wake-up of the other process, which costs more here than copying the bytes."""
+    h = json.dumps(head).encode()
+    return len(h).to_bytes(4, "little") + h + body
+
+
+def unpack(msg: bytes, max_header: int = 1 << 16) -> tuple[dict, bytes]:
+    n = int.from_bytes(msg[:4], "little")
+    if n > max_header or n > len(msg) - 4:
+        raise ValueError("a message of the wrong form")
+    head = json.loads(msg[4:4 + n])
+    if not isinstance(head, dict):
+        raise ValueError("a message of the wrong form")
+    return head, msg[4 + n:]
 
 
 def resident() -> int:
@@ -236,15 +251,12 @@ class DecodePool:
             t0 = time.monotonic()
             try:
                 is_path = isinstance(src, str)
-                w.send.send_bytes(json.dumps({"path": src if is_path else None, "size": size,
-                                              "interpolation": interpolation, "max_pixels": max_pixels}).encode())
-                w.send.send_bytes(b"" if is_path else src)
+                w.send.send_bytes(pack({"path": src if is_path else None, "size": size,
+                                        "interpolation": interpolation, "max_pixels": max_pixels},
+                                       b"" if is_path else src))
                 head = None
                 if w.recv.poll(self.timeout):
-                    head = json.loads(w.recv.recv_bytes(MAX_HEADER))
-                    if not w.recv.poll(self.timeout):  # the pixels follow the header at once
-                        raise OSError("no pixels after the header")
-                    pixels = w.recv.recv_bytes(size * size * 3 + 1)
+                    head, pixels = unpack(w.recv.recv_bytes(MAX_HEADER + size * size * 3 + 4), MAX_HEADER)
             except (EOFError, OSError, ValueError):  # died, or answered what no worker of ours sends
                 keep = None
                 w.kill()
