@@ -21,6 +21,7 @@ everywhere. The rules for odd files, in one place:
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -98,7 +99,11 @@ class ImageInfo:
     frames: int
 
 
-def _open(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _open(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, bytes | None]:
+    """The opened image, and the file's bytes where they were read whole (bytes given; a JPEG or an icon, whose
+    hidden sizes need every byte). A path's bytes are read whole once: here for a JPEG or an icon (Pillow then
+    decodes those bytes), else by Pillow after a look at the first 512."""
+    data: bytes | None = None
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if not data:
@@ -108,16 +113,18 @@ def _open(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     else:
         path = Path(src)
         try:
-            size = path.stat().st_size
             with open(path, "rb") as f:
                 head = f.read(512)
+                whole = head[:2] == b"\xff\xd8" or head[:4] in _ICON_SIGNATURES
+                data = head + f.read() if whole else None  # JPEG, ICO: the scan count, the sizes inside
+                size = len(data) if whole else os.fstat(f.fileno()).st_size
         except OSError as e:
             raise ImageError("unreadable", f"cannot read {path.name}: {e.strerror or e}") from None
         if size == 0:
             raise ImageError("empty", "the file has zero bytes")
-        fp = path
-    if head[:4] in (b"\0\0\1\0", b"\0\0\2\0"):  # ICO / CUR: Pillow decodes the largest image inside at open
-        check_icon_sizes(_read_all(src), max_pixels)
+        fp = io.BytesIO(data) if data is not None else path
+    if head[:4] in _ICON_SIGNATURES:  # ICO / CUR: Pillow decodes the largest image inside at open
+        check_icon_sizes(data or b"", max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -125,7 +132,7 @@ def _open(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         if im.format in _NEEDS_EXTERNAL:
             im.close()
             raise ImageError("unsupported_format", f"{im.format} is not supported ({_NEEDS_EXTERNAL[im.format]})")
-        return im
+        return im, data
     except UnidentifiedImageError:
         fmt = sniff_unsupported(head)
         if fmt:
@@ -143,11 +150,7 @@ def _open(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         raise ImageError("corrupt", f"cannot parse the header: {type(e).__name__}: {e}") from None
 
 
-def _read_all(src: bytes | str | Path) -> bytes:
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return bytes(src)
-    with open(src, "rb") as f:
-        return f.read()
+_ICON_SIGNATURES = (b"\0\0\1\0", b"\0\0\2\0")
 
 
 def check_icon_sizes(data: bytes, max_pixels: int) -> None:
@@ -173,11 +176,12 @@ def check_icon_sizes(data: bytes, max_pixels: int) -> None:
                              f"over the {max_pixels / 1e6:g} MP limit")
 
 
-def check_hidden_sizes(im: Image.Image, src: bytes | str | Path, max_pixels: int) -> None:
-    """Limits a header does not show, checked before the pixels are decoded: a JPEG's number of scans (the sizes
-    inside an icon are checked before it is even opened: check_icon_sizes). Raises ImageError."""
-    if im.format in ("JPEG", "MPO"):
-        scans = _read_all(src).count(b"\xff\xda")  # SOS markers: 0xFF in the entropy-coded data is always stuffed
+def check_hidden_sizes(im: Image.Image, data: bytes | None, max_pixels: int) -> None:
+    """Limits a header does not show, checked before the pixels are decoded: a JPEG's number of scans, from the
+    file's bytes (read whole by _open; the sizes inside an icon are checked before it is even opened:
+    check_icon_sizes). Raises ImageError."""
+    if im.format in ("JPEG", "MPO") and data is not None:
+        scans = data.count(b"\xff\xda")  # SOS markers: 0xFF in the entropy-coded data is always stuffed
         if scans > MAX_JPEG_SCANS:
             raise ImageError("corrupt", f"a JPEG of {scans} scans (a real one has about 10; over {MAX_JPEG_SCANS} "
                              "is a decoder flood)")
@@ -190,7 +194,7 @@ _NEEDS_EXTERNAL = {"EPS": "EPS needs Ghostscript", "WMF": "WMF/EMF vector images
 def probe_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Read the header only: format, size, mode, and frames (1, or 2 for "more than one": counting a TIFF's pages
     walks every IFD, 60,000 of them in a hostile file). Raises ImageError."""
-    im = _open(src, max_pixels)
+    im, _ = _open(src, max_pixels)
     try:
         try:
             frames = 2 if getattr(im, "is_animated", False) else 1
@@ -224,14 +228,14 @@ def decode_8bit(src: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
                 draft_size: int | None = None) -> Image.Image:
     """decode_image, except that a gray source stays gray ("L"; RGB otherwise): its three equal channels are made
     only when needed, after a resize (a third of the memory and work for a gray picture; the same pixels)."""
-    im = _open(src, max_pixels)
+    im, data = _open(src, max_pixels)
     try:
         w, h = im.size
         if w <= 0 or h <= 0:
             raise ImageError("corrupt", f"the header says {w}x{h} pixels")
         if max_pixels and w * h > max_pixels:
             raise ImageError("too_many_pixels", f"{w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:g} MP limit")
-        check_hidden_sizes(im, src, max_pixels)
+        check_hidden_sizes(im, data, max_pixels)
         if draft_size and im.format == "JPEG" and min(w, h) >= 2 * draft_size:
             # draft keeps both sides >= the request, so ask for the size that keeps the shorter side >= draft_size
             scale = draft_size / min(w, h)

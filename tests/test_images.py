@@ -129,3 +129,24 @@ def test_an_error_raised_after_the_decode_is_still_a_problem_code(monkeypatch, e
     with pytest.raises(ImageError) as e:
         load_square(GOOD["rgba.png"][0], 32)
     assert e.value.problem == ("too_many_pixels" if isinstance(error, MemoryError) else "corrupt")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "ICO"])
+def test_a_jpeg_or_icon_path_is_read_once(tmp_path, monkeypatch, fmt):
+    """The scan count of a JPEG and the sizes inside an icon need every byte: the file is read whole once and
+    Pillow decodes those bytes, instead of opening and reading it a second time."""
+    import builtins
+
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(path, fmt)
+    opened = []
+    real_open = builtins.open
+
+    def counting(file, *args, **kwargs):
+        if str(file) == str(path):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    assert load_square(path, 32).shape == (32, 32, 3)
+    assert len(opened) == 1
