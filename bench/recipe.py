@@ -83,7 +83,7 @@ def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None
     """One `pupil train TASK/train` with the candidate's flags (then `extra`: flags of the whole study, later ones
     win), its validation figures as a row."""
     data = task_folder(task) / "train"
-    out = WORK / "recipe-runs" / f"{task}-{candidate}-s{seed}{'-' + tag if tag else ''}"
+    out = run_dir(task, candidate, seed, tag)
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out),
            "--no-progress", "--device", "cpu", *CANDIDATES[candidate], *(extra or [])]
     t0 = time.perf_counter()
@@ -97,7 +97,19 @@ def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None
     return {**row, "val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
             "val_macro_f1": v["macro_f1"], "val_n": v["n"], "kept": m.get("kept"), "flips": m.get("flips"),
             "epochs_run": m["epochs_run"], "train_images_per_s": m["train_images_per_s"],
-            "phases": m.get("phases"), "cached_views_info": m.get("cached_views")}
+            "phases": m.get("phases"), "cached_views_info": m.get("cached_views"), **finetune_figures(m)}
+
+
+def run_dir(task: str, candidate: str, seed: int, tag: str = "") -> Path:
+    return WORK / "recipe-runs" / f"{task}-{candidate}-s{seed}{'-' + tag if tag else ''}"
+
+
+def finetune_figures(m: dict) -> dict:
+    """The fine-tune's own validation figures after its last epoch (metrics.json's history), whatever model the run
+    kept in the end (often the linear probe after a few epochs)."""
+    last = m["history"][-1] if m.get("history") else {}
+    return {"finetune_val_accuracy": last.get("val_acc"), "finetune_val_macro_f1": last.get("val_macro_f1"),
+            "finetune_val_loss": last.get("val_loss")}
 
 
 def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") -> str:

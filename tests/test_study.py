@@ -7,7 +7,26 @@ from bench import study
 
 def _row(task, cand, seed, rung, bal):
     return {"task": task, "candidate": cand, "seed": seed, "rung": rung, "val_accuracy": bal,
-            "val_balanced_accuracy": bal, "wall_s": 1.0}
+            "val_balanced_accuracy": bal, "finetune_val_macro_f1": bal, "wall_s": 1.0}
+
+
+def test_rungs_rank_the_fine_tune_and_the_final_the_kept_model(tmp_path, monkeypatch):
+    """At 3 epochs a run mostly keeps the linear probe, the same for every candidate: the rungs rank the fine-tune's
+    own last epoch (read back from the run's metrics.json for rows written before the field existed)."""
+    import json
+
+    from bench import recipe
+
+    row = {**_row("faces", "new", 0, "0", 0.9), "finetune_val_macro_f1": 0.6}
+    assert study.score(row) == 0.6
+    assert study.score({**row, "rung": "final"}) == 0.9
+    monkeypatch.setattr(recipe, "WORK", tmp_path)
+    old = {k: v for k, v in row.items() if k != "finetune_val_macro_f1"}
+    run = recipe.run_dir("faces", "study-new", 0, "study-r0")
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"history": [{"val_acc": 0.5, "val_macro_f1": 0.4},
+                                                              {"val_acc": 0.7, "val_macro_f1": 0.65}]}))
+    assert study.score(old) == 0.65
 
 
 def test_each_rung_keeps_the_better_half_and_the_reference():
