@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 
@@ -132,3 +133,24 @@ def in_batches(n: int, batch_size: int, run: Callable[[int, int], None], log=Non
             continue
         start = stop
     return batch_size
+
+
+@contextmanager
+def same_random_streams(device=None) -> Iterator[None]:
+    """Whatever runs inside leaves torch's random stream (the CPU one, and the CUDA device's), NumPy's and Python's
+    as they were: a choice made on the side (`--lr auto`'s range test, `--flips auto`'s probes, `--batch-size auto`'s
+    trial steps) must not change the run that follows, so that a run told the choice (`--config`) is the same run."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    devices = [device] if device is not None and getattr(device, "type", "") == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+

@@ -6,6 +6,8 @@ import sys
 from dataclasses import fields
 
 import pytest
+import torch
+import yaml
 
 from pupil.cli import bare_flags, build_parser
 from training.config import TrainConfig
@@ -67,3 +69,36 @@ def test_a_preset_fills_only_what_was_not_given(tmp_path):
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["preset"] == "best"
     with pytest.raises(SystemExit):
         parse(["train", "d", "--preset", "slow"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["small_cnn", "backbone", "balance"])
+def test_a_run_told_its_auto_choices_by_config_is_the_same_run(tmp_path, case):
+    """`pupil train --config RUN/config.yaml` repeats a run whose options said "auto" bit for bit: the LR range
+    test, the flips probes and the balance choice leave the random streams and the model as they found them."""
+    from safetensors.torch import load_file
+
+    from pupil.cli import main
+    from tests.conftest import make_shapes_folder
+
+    data = tmp_path / "data"
+    if case == "balance":  # 24 against 6: --balance auto has something to decide
+        make_shapes_folder(data, classes=("red",), n=24)
+        make_shapes_folder(data, classes=("blue",), n=6, seed=1)
+    else:
+        make_shapes_folder(data, n=12)
+    common = ["--device", "cpu", "--seed", "3", "--no-progress", "--no-label-issues"]
+    if case == "backbone":
+        flags = ["--epochs", "1", "--img-size", "64", "--batch-size", "8", "--lr", "auto", "--flips", "auto",
+                 "--lr-find-steps", "20"]
+    else:
+        flags = ["--model", "small_cnn", "--epochs", "2", "--img-size", "32", "--batch-size", "4", "--lr", "auto",
+                 "--flips", "auto", "--lr-find-steps", "20"] + (["--balance", "auto"] if case == "balance" else [])
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", str(data), *flags, *common, "--out", str(a)]) == 0
+    told = yaml.safe_load((a / "config.yaml").read_text())
+    assert told["lr"] != "auto" and told["flips"] != "auto" and told["balance"] != "auto"  # the choices made
+    assert told["asked"]["lr"] == "auto"
+    assert main(["train", "--config", str(a / "config.yaml"), "--out", str(b)]) == 0
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from models.runtime import same_random_streams
+
 from .budget import fit_time_limit, rerun_smaller
 from .config import TrainConfig
 from .data import ImageSet, Manifest
@@ -71,7 +73,10 @@ def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
     else:
         probe = probe_stage(prep, setup, run_dir) if cfg.stages in ("probe", "both") else {}
         settle_flips(probe, setup)
-        lr_found = find_lr(prep, setup, run_dir) if cfg.lr == "auto" and finetunes(cfg) else {}
+        lr_found = {}
+        if cfg.lr == "auto" and finetunes(cfg):
+            with same_random_streams(setup.device):  # a run told the rate (--config) is this run
+                lr_found = find_lr(prep, setup, run_dir)
     phases["probe_s"] = time.perf_counter() - t_start - sum(phases.values())
     if lr_found:
         cfg.lr = lr_found["suggested_lr"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from models.factory import create_model
-from models.runtime import amp_dtype, amp_name, autocast, pick_device
+from models.runtime import amp_dtype, amp_name, autocast, pick_device, same_random_streams
 
 from .augment import make_policy
 from .config import TrainConfig
@@ -55,7 +55,8 @@ def start(cfg: TrainConfig) -> tuple[TrainSetup, Prepared]:
                        make_policy(cfg.augment), mode, smoothed_targets(len(prep.classes), cfg.label_smoothing,
                                                                         cfg.ordinal))
     if cfg.batch_size <= 0:
-        found = auto_batch_size(prep.model, prep.spec, device, amp, len(prep.train))
+        with same_random_streams(device):  # a run told the batch size (--config) is this run
+            found = auto_batch_size(prep.model, prep.spec, device, amp, len(prep.train))
         cfg.batch_size = int(dist.from_main(found)[0])
         scaled = ""
         if cfg.batch_size != 32 and cfg.lr != "auto":

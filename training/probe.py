@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.runtime import same_random_streams
+
 from .data import ImageSet
 from .distributed import log
 from .loop import TrainSetup, evaluate, predict_logits
@@ -64,7 +66,8 @@ def linear_probe(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup: 
     out = {"feature_seconds": t_feat, "head_seconds": time.perf_counter() - t0 - t_feat, "best_step": best[2],
            "train_images": len(train), "images_per_s": len(train) / t_feat if t_feat else 0.0}
     if setup.cfg.flips == "auto" and x_val is not None:
-        out["flips"] = choose_flips(model, train, setup, x_train, y_train, x_val, y_val)
+        with same_random_streams(setup.device):  # a run told the choice (--config) draws what this one does next
+            out["flips"] = choose_flips(model, train, setup, x_train, y_train, x_val, y_val)
     if len(val):
         out.update(evaluate(model, val, setup))
         log(f"probe: features of {len(train)} images in {t_feat:.1f}s, head trained in {out['head_seconds']:.2f}s; "
