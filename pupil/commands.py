@@ -302,7 +302,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  warning: {w}")
     found = report.get("label_issues")
     if found:
-        print(f"likely label errors: {found['flagged']} of {found['images']} images (ranked; all in {found['csv']})")
+        print(f"likely label errors: the {found['flagged']} of {found['images']} images most likely mislabelled, "
+              f"ranked; check them by eye (all in {found['csv']})")
         for r in found["issues"][:20]:
             print(f"  {r['score']:.2f}  {r['path']}: given {r['given']}, looks like {r['suggested']}")
     print("trainable" if reason is None else f"not trainable: {reason}")

@@ -218,10 +218,12 @@ def _probe_note(history: list[dict[str, Any]], probe: dict[str, Any] | None, bes
 def _label_issues_section(out_dir: Path, found: dict[str, Any]) -> str:
     """Likely label errors: how many, what was done with them, and the first of them as thumbnails."""
     dropped = found.get("dropped", 0)
-    parts = [f"<h2>Likely label errors</h2><p>{found['flagged']} of {found['images']} training and validation images "
-             f"look mislabelled: their given label got a low probability from a probe that never saw them "
-             f"({found['folds']}-fold, on the backbone's features), and another class a high one (confident learning, "
-             "Northcutt et al. 2021). Check them by eye; all are listed in <code>label_issues.csv</code>. "
+    parts = [f"<h2>Likely label errors</h2><p>The {found['flagged']} of {found['images']} training and validation "
+             f"images most likely mislabelled: another class reached its usual confidence on them while their given "
+             f"label did not, by a probe that never saw them ({found['folds']}-fold, on the backbone's features, its "
+             "regularisation chosen by the folds so that its probabilities are calibrated; confident learning, "
+             "Northcutt et al. 2021). A flag is a suspicion, not a verdict: check them by eye; all are listed, most "
+             "likely first, in <code>label_issues.csv</code>. "
              + (f"<b>{dropped} flagged training images were left out of training</b> (--drop-label-issues; "
                 "validation images never are)." if dropped else
                 "Nothing was dropped: <code>--drop-label-issues</code> leaves the flagged training images out.")
