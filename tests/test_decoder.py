@@ -168,3 +168,36 @@ def test_the_service_answers_a_slow_and_a_hungry_upload_with_4xx_and_goes_on(tra
         assert classify(GOOD).status_code == 200 and s.alive()
         grew = {p: m - before.get(p, 0) for p, m in rss().items()}  # a new process (a decode worker) counts whole
         assert max(grew.values()) < 100 * 2**20, grew  # the 49 MP RGBA (600 MB to decode) entered no server process
+
+
+def test_the_console_shows_pupils_lines_only(tmp_path):
+    """`pupil check` on damaged TIFFs: libtiff's C-level warnings ("LZWDecode: Not enough data...") stay in the
+    decode workers (stderr closed), and the Grad-CAM path of the demo raises no torch UserWarning (a read-only crop)."""
+    import random
+    import warnings
+
+    from bench.fuzz import MUTATIONS, seeds
+
+    r = random.Random(3)
+    base = seeds(r)
+    tiffs = [k for k in base if k.startswith("tiff")]
+    for i in range(60):
+        (tmp_path / "data" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        m = r.choice(sorted(MUTATIONS))
+        (tmp_path / "data" / "ab"[i % 2] / f"{i:03d}-{m}.tif").write_bytes(MUTATIONS[m](base[tiffs[i % len(tiffs)]], r))
+    out = subprocess.run([sys.executable, "-m", "pupil", "check", str(tmp_path / "data")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode in (0, 2) and "problems" in out.stdout
+    assert out.stderr == "", out.stderr[:500]  # in-process (--decode-timeout 0) libtiff printed 6 lines here
+
+    from models import create_model
+    from models.gradcam import gradcam
+
+    model, spec = create_model("efficientnet_lite0", 2, "auto", img_size=64)
+    crop = load_square(GOOD, 64)
+    crop.flags.writeable = False  # what the report's gallery passes: a crop of the read-only decode cache
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        heat, _, _ = gradcam(model, crop, spec.mean, spec.std)
+    assert heat.ndim == 2 and 0 <= heat.min() <= heat.max() <= 1
+    assert [str(w.message)[:120] for w in seen] == []
