@@ -45,6 +45,7 @@ DEFAULT_DECODE_TIMEOUT = 5.0  # seconds; a 50 MP JPEG decodes in about 0.6 s her
 DEFAULT_DECODE_MEMORY_MB = 1024  # address space per worker: a 42 MP RGBA PNG decodes in it; $PUPIL_DECODE_MEMORY_MB
 MAX_TASKS = 200  # decodes before a worker is replaced
 RETIRE_RSS = 256 * 2**20  # a worker that holds more than this after a decode is replaced (the memory goes back)
+READ_WHOLE = 256 * 2**20  # a path's file up to this size is read into memory once by its worker
 MAX_HEADER = 64 * 1024  # bytes of a worker's JSON header: a problem and its detail
 START_TIMEOUT = 60.0  # seconds for a worker to import Pillow and NumPy (0.2 s here; much more on a loaded machine)
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `models` package
@@ -82,12 +83,12 @@ def worker_main(rfd: int, wfd: int, memory_mb: int) -> None:
             job, payload = unpack(inbox.recv_bytes())
         except (EOFError, OSError, ValueError):
             return
-        src = job["path"] if job["path"] is not None else payload
         size = int(job["size"])
         pixels = b""
         try:
+            src = payload if job["path"] is None else read_source(job["path"])
             if memory_mb:
-                check_memory(src, job["max_pixels"], int(memory_mb) * 2**20)
+                check_memory(src, job["max_pixels"], int(memory_mb) * 2**20, size)
             square = load_square(src, size, interpolation=job["interpolation"], max_pixels=job["max_pixels"])
             head, pixels = {"ok": True}, square.tobytes()
         except ImageError as e:
@@ -118,22 +119,44 @@ def unpack(msg: bytes, max_header: int = 1 << 16) -> tuple[dict, bytes]:
     return head, msg[4 + n:]
 
 
-def resident() -> int:
-    """This process's resident bytes (0 where /proc is missing)."""
+def read_source(path: str) -> bytes | str:
+    """A path's bytes, read once here (the header check and the decode then read memory), or the path itself for a
+    file over READ_WHOLE bytes (Pillow reads what it needs of it)."""
     try:
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > READ_WHOLE:
+                return path
+            return f.read()
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot read {Path(path).name}: {e.strerror or e}") from None
+
+
+def statm(field: int) -> int:
+    """/proc/self/statm's field (0: virtual size, 1: resident) in bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 
 
-def check_memory(src, max_pixels: int, cap: int) -> None:
+def resident() -> int:
+    return statm(1)
+
+
+def check_memory(src, max_pixels: int, cap: int, size: int) -> None:
     """Refuse at once (too_many_pixels) a file whose decoded pixels alone, as its header gives them, would not fit
-    in what the cap leaves this process: the decode would fail anyway, after burning its share of a CPU."""
+    in what the cap leaves this process: the decode would fail anyway, after burning its share of a CPU. A large
+    JPEG is decoded at a reduced scale (1/2, 1/4, 1/8: load_square's draft), so it needs that much less."""
     info = probe_image(src, max_pixels)
     need = info.width * info.height * (1 if info.mode in ("1", "L", "P") else 2 if info.mode.startswith("I;16") else 4)
-    try:
-        in_use = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+    if info.format == "JPEG":
+        reduce = 1
+        while reduce < 8 and min(info.width, info.height) // (2 * reduce) >= size:
+            reduce *= 2
+        need //= reduce * reduce
+    in_use = statm(0)
+    if not in_use:
         return  # no /proc: the cap alone decides
     if need > cap - in_use:
         raise ImageError("too_many_pixels", f"{info.width}x{info.height} {info.mode} needs {need / 2**20:.0f} MB to "
