@@ -298,7 +298,8 @@ class DecodePool:
                 w.retire()
                 self.stats["replaced"] += 1
             if head.get("ok") is True and len(pixels) == size * size * 3:
-                return np.frombuffer(pixels, dtype=np.uint8).reshape(size, size, 3)
+                # writable, like load_square's own arrays (torch warns on a read-only one)
+                return np.frombuffer(bytearray(pixels), dtype=np.uint8).reshape(size, size, 3)
             problem = head.get("problem")
             if problem not in PROBLEM_STATUS or head.get("ok") is not False:
                 keep = None

@@ -54,6 +54,7 @@ def test_a_decode_past_the_deadline_is_a_timeout_and_the_next_file_decodes():
         assert time.monotonic() - t0 < 3  # the deadline, plus starting the replacement worker
         a = pool.square(GOOD, 32)
         np.testing.assert_array_equal(a, load_square(GOOD, 32))  # the same pixels as decoding here
+        assert a.flags.writeable  # as load_square's: torch.from_numpy warns on a read-only array
         now = _workers(other)  # the stuck worker is gone, one took its place
         assert pool.stats["timeouts"] == 1 and len(now) == 1 and now[0].pid != first[0].pid
 
