@@ -136,6 +136,11 @@ def test_check_and_training_report_a_slow_file_and_go_on(tmp_path, capsys):
     assert r.metrics["val"]["accuracy"] is not None
     skipped = json.dumps(r.metrics)
     assert "slow.png" in skipped and "timeout" in skipped
+    # the decode cache does not remember a timeout: with a longer deadline the same file trains
+    again = fit(TrainConfig(data=str(data), model="small_cnn", img_size=32, epochs=1, batch_size=8, progress=False,
+                            label_issues=False, device="cpu", decode_timeout=30, cache_dir=str(tmp_path / "cache"),
+                            out=str(tmp_path / "run2")))
+    assert "slow.png" not in json.dumps(again.metrics)
     with pytest.raises(SystemExit) as e:  # a bad value: argparse's error line, exit 2
         main(["check", str(data), "--decode-timeout", "-1"])
     assert e.value.code == 2 and "not a number of seconds" in capsys.readouterr().err.splitlines()[-1]

@@ -68,7 +68,10 @@ class DecodeCache:
                 meta = json.loads(meta_path.read_text())
                 images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(meta["n"], size, size, 3))
                 failed = {k: tuple(v) for k, v in meta["failed"].items()}
-                return cls(images, {k: int(v) for k, v in meta["index"].items()}, failed, 0, data_path)
+                # a file that ran out of time may decode now (a later --decode-timeout, a quieter machine): a
+                # cache that lists one is rebuilt, never trusted to skip it for good
+                if not any(problem == "timeout" for problem, _ in failed.values()):
+                    return cls(images, {k: int(v) for k, v in meta["index"].items()}, failed, 0, data_path)
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache is rebuilt, never trusted
         cache_dir.mkdir(parents=True, exist_ok=True)
