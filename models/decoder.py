@@ -225,32 +225,37 @@ class DecodePool:
     def __init__(self, workers: int = 2, timeout: float = DEFAULT_DECODE_TIMEOUT,
                  memory_mb: int = DEFAULT_DECODE_MEMORY_MB, max_tasks: int = MAX_TASKS):
         self.workers, self.timeout, self.memory_mb, self.max_tasks = max(1, workers), timeout, memory_mb, max_tasks
-        self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
-        self._started = 0
-        self._lock = threading.Lock()
+        # one item per slot: an idle worker, or None for a free slot a worker is started in when needed. A worker
+        # killed or retired gives its slot back as None, so a caller waiting for a worker is always woken.
+        self._slots: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
+        for _ in range(self.workers):
+            self._slots.put(None)
         self._closed = False
         self.stats = {"decodes": 0, "timeouts": 0, "deaths": 0, "replaced": 0}
 
     def _take(self) -> _Worker:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the decode pool is closed")
-            if self._idle.empty() and self._started < self.workers:
-                self._started += 1
-                try:
-                    return _Worker(self.memory_mb)
-                except BaseException:
-                    self._started -= 1
-                    raise
-        return self._idle.get()
+        item = self._slots.get()
+        if self._closed:
+            self._slots.put(None)  # wake the next waiter: it raises too
+            if item is not None:
+                item.retire()
+            raise RuntimeError("the decode pool is closed")
+        if item is not None and item.proc.poll() is None:
+            return item
+        if item is not None:  # it died while idle (killed from outside): this file gets a fresh one
+            item.close_pipes()
+        try:
+            return _Worker(self.memory_mb)
+        except BaseException:
+            self._slots.put(None)
+            raise
 
-    def _give_back(self, w: _Worker) -> None:
-        with self._lock:
-            if self._closed:
-                self._started -= 1
-                w.retire()
-                return
-        self._idle.put(w)
+    def _give_back(self, w: _Worker | None) -> None:
+        """w back to the idle ones, or (None) its slot free: the worker was killed or retired."""
+        if w is not None and self._closed:
+            w.retire()
+            w = None
+        self._slots.put(w)
 
     def square(self, src, size: int, interpolation: str = "bicubic",
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -261,15 +266,8 @@ class DecodePool:
         elif isinstance(src, Path):
             src = str(src)
         w = self._take()
-        if w.proc.poll() is not None:  # it died while idle (killed from outside): this file gets a fresh one
-            w.close_pipes()
-            try:
-                w = _Worker(self.memory_mb)
-            except BaseException:
-                with self._lock:
-                    self._started -= 1
-                raise
         keep: _Worker | None = w
+        answered = False  # the worker's answer read whole: only then may it take another file
         try:
             t0 = time.monotonic()
             try:
@@ -291,6 +289,7 @@ class DecodePool:
                 self.stats["timeouts"] += 1
                 raise ImageError("timeout", f"decoding took longer than {self.timeout:g} s "
                                             f"(stopped after {time.monotonic() - t0:.1f} s)")
+            answered = True
             self.stats["decodes"] += 1
             w.tasks += 1
             if w.tasks >= self.max_tasks or head.get("retire"):
@@ -307,11 +306,10 @@ class DecodePool:
                 raise ImageError("corrupt", "the decoder process gave an answer of the wrong form")
             raise ImageError(problem, str(head.get("detail", ""))[:2000])
         finally:
-            if keep is None:
-                with self._lock:
-                    self._started -= 1
-            else:
-                self._give_back(keep)
+            if keep is not None and not answered:  # interrupted mid-exchange: its answer would go to the next file
+                keep.kill()
+                keep = None
+            self._give_back(keep)
 
     def map(self, jobs: Sequence[tuple], on_done: Callable[[], None] | None = None) -> list:
         """square(*job) for each (src, size, interpolation, max_pixels) job, in order, `workers` at a time:
@@ -331,14 +329,19 @@ class DecodePool:
             return list(ex.map(one, jobs))
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle = []
-            while not self._idle.empty():
-                idle.append(self._idle.get())
-            self._started -= len(idle)
+        """Retire the idle workers; a busy one is retired when its decode returns."""
+        self._closed = True
+        idle = []
+        while True:
+            try:
+                idle.append(self._slots.get_nowait())
+            except queue.Empty:
+                break
         for w in idle:
-            w.retire()
+            if w is not None:
+                w.retire()
+        for _ in idle:
+            self._slots.put(None)
 
     def __enter__(self) -> "DecodePool":
         return self

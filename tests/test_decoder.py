@@ -211,3 +211,26 @@ def test_the_console_shows_pupils_lines_only(tmp_path):
         heat, _, _ = gradcam(model, crop, spec.mean, spec.std)
     assert heat.ndim == 2 and 0 <= heat.min() <= heat.max() <= 1
     assert [str(w.message)[:120] for w in seen] == []
+
+
+def test_a_caller_waiting_for_a_worker_is_not_stranded_when_the_busy_one_is_killed():
+    """One worker, two callers: the first's file runs past the deadline and its worker is killed; the second, waiting
+    for a worker meanwhile, gets a fresh one and its answer (it waited forever when the slot was not given back)."""
+    with DecodePool(1, timeout=0.05) as pool:
+        pool.square(GOOD, 32)
+        results = {}
+
+        def call(name, data):
+            try:
+                results[name] = pool.square(data, 32).shape
+            except ImageError as e:
+                results[name] = e.problem
+
+        slow = threading.Thread(target=call, args=("slow", SLOW), daemon=True)
+        slow.start()
+        time.sleep(0.01)
+        good = threading.Thread(target=call, args=("good", GOOD), daemon=True)
+        good.start()
+        slow.join(10)
+        good.join(10)
+        assert results == {"slow": "timeout", "good": (32, 32, 3)}
