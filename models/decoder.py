@@ -98,7 +98,7 @@ def worker_main(rfd: int, wfd: int, memory_mb: int) -> None:
                     "detail": f"decoding needs more than the {memory_mb} MB a decode may use"}
         except Exception as e:  # never lose the worker to a decoder's bug
             head = {"ok": False, "problem": "corrupt", "detail": f"{type(e).__name__}: {e}"}
-        head["retire"] = resident() > RETIRE_RSS  # kept too much after a large file: replace me
+        head["retire"] = statm(1) > RETIRE_RSS  # resident: kept too much after a large file, replace me
         outbox.send_bytes(pack(head, pixels))
 
 
@@ -138,10 +138,6 @@ def statm(field: int) -> int:
             return int(f.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def resident() -> int:
-    return statm(1)
 
 
 def check_memory(src, max_pixels: int, cap: int, size: int) -> None:
@@ -398,6 +394,3 @@ def decode_many(jobs: Iterable[tuple], pool: DecodePool | None, on_done: Callabl
             on_done()
     return out
 
-
-__all__ = ["DEFAULT_DECODE_MEMORY_MB", "DEFAULT_DECODE_TIMEOUT", "DecodePool", "decode_many", "memory_mb_from_env",
-           "shared_pool"]
