@@ -235,9 +235,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    import psutil
 
     from bench.common import header
+    from deploy.check import rss_mb
 
     header("soak: mixed traffic under a memory cap")
     cg = Cgroup(int(args.memory_gb * 2**30))
@@ -248,13 +248,7 @@ def main() -> None:
         first = server_processes(server.pids())
 
         def rss() -> float:
-            total = 0
-            for p in server.pids():
-                try:
-                    total += psutil.Process(p).memory_info().rss
-                except psutil.Error:
-                    pass
-            return total / 2**20
+            return rss_mb(server.pids())
 
         print(f"target: {what} on {server.url}, ready in {server.ready_seconds:.0f} s, {rss():.0f} MB resident; "
               f"{args.concurrency} in flight for {args.minutes:g} min", flush=True)
