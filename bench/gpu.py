@@ -372,6 +372,24 @@ def recipe() -> dict:
     return out
 
 
+@step("study")
+def study_step() -> dict:
+    """bench/gpu_study.py: the recipe study's candidates on the full path, 3 seeds, ELPV 4-class then binary; rows
+    in $OUT/study-gpu.jsonl as each run ends. It stops starting runs STUDY_SECONDS after it began (default 420)."""
+    from bench import gpu_study
+    from bench.elpv import make_task
+
+    folders = {t: make_task(t.split("-", 1)[1], WORK / t, GPU / "elpv", suffix=".jpg") for t in gpu_study.TASKS}
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = OUT / "study-gpu.jsonl"
+    import torch
+
+    t_end = time.monotonic() + float(os.environ.get("STUDY_SECONDS", "420"))
+    rows = gpu_study.run(folders, WORK, results, parallel=int(os.environ.get("STUDY_PARALLEL", "8")),
+                         deadline=t_end, small=SMALL, device="cuda" if torch.cuda.is_available() else "cpu", say=say)
+    return {"runs": len(rows), "errors": sum("error" in r for r in rows), "rows": str(results)}
+
+
 def table() -> str:
     lines = ["| measure | figure |", "| --- | --- |"]
     for name, r in RESULTS.items():
@@ -383,7 +401,8 @@ def table() -> str:
 
 
 STEPS = {"time_to_model": time_to_model, "serving": serving, "resume_on_cuda": resume_on_cuda,
-         "tests_on_cuda": tests_on_cuda, "throughput": throughput, "compile": compile_throughput, "recipe": recipe, "quality": quality}
+         "tests_on_cuda": tests_on_cuda, "throughput": throughput, "compile": compile_throughput, "recipe": recipe, "quality": quality,
+         "study": study_step}
 DEFAULT_STEPS = "time_to_model,serving,resume_on_cuda,tests_on_cuda,throughput,compile"
 
 

