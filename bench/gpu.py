@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / ".gpu"
+ELPV = Path(os.environ.get("PUPIL_GPU_ELPV", GPU / "elpv"))  # gpu.sh unpacks .gpu/elpv.zip there
 WORK = Path(os.environ.get("PUPIL_GPU_WORK", "/tmp/pupil-gpu"))
 OUT = Path(os.environ.get("OUT", WORK / "out"))
 RESULTS: dict = {}
@@ -118,7 +119,7 @@ def run_summary(run: Path, seconds: float) -> dict:
 def time_to_model() -> dict:
     from bench.elpv import make_task
 
-    data = make_task("binary", WORK / "elpv-binary", GPU / "elpv", suffix=".jpg")
+    data = make_task("binary", WORK / "elpv-binary", ELPV, suffix=".jpg")
     out = {}
     for name, extra in (("cold", []), ("warm", [])):
         run = WORK / "runs" / name
@@ -271,7 +272,7 @@ def resume_on_cuda() -> dict:
     from bench.elpv import make_task
     from training.state import load_checkpoint
 
-    data = make_task("binary", WORK / "elpv-binary", GPU / "elpv", suffix=".jpg")
+    data = make_task("binary", WORK / "elpv-binary", ELPV, suffix=".jpg")
     args = ["train", str(data), "--epochs", "4", "--patience", "0", "--limit-per-class", "150", "--no-progress",
             "--workers", "16", *SMALL]
     pupil(*args, "--out", str(WORK / "runs" / "straight"))
@@ -320,7 +321,7 @@ def quality() -> dict:
 
     out = {}
     for task in TASKS:
-        data = make_task(task, WORK / f"elpv-{task}", GPU / "elpv", suffix=".jpg")
+        data = make_task(task, WORK / f"elpv-{task}", ELPV, suffix=".jpg")
         for name, extra in (("default", []), ("probe", ["--stages", "probe"])):
             run = WORK / "runs" / f"q-{task}-{name}"
             secs, _ = pupil("train", str(data), "--workers", "16", "--out", str(run), "--no-progress", *extra, *SMALL)
@@ -346,7 +347,7 @@ def recipe() -> dict:
 
     def data(task):
         if task.startswith("elpv-"):
-            return make_task(task.split("-", 1)[1], WORK / task, GPU / "elpv", suffix=".jpg")
+            return make_task(task.split("-", 1)[1], WORK / task, ELPV, suffix=".jpg")
         return make_other(task, WORK / task)
 
     jobs = [(name, task, seed) for name in RECIPES for task in RECIPE_TASKS for seed in (0, 1)]
@@ -379,7 +380,7 @@ def study_step() -> dict:
     from bench import gpu_study
     from bench.elpv import make_task
 
-    folders = {t: make_task(t.split("-", 1)[1], WORK / t, GPU / "elpv", suffix=".jpg") for t in gpu_study.TASKS}
+    folders = {t: make_task(t.split("-", 1)[1], WORK / t, ELPV, suffix=".jpg") for t in gpu_study.TASKS}
     OUT.mkdir(parents=True, exist_ok=True)
     results = OUT / "study-gpu.jsonl"
     import torch
