@@ -60,6 +60,9 @@ CANDIDATES: dict[str, list[str]] = {
     "e20": ["--epochs", "20"],
     "e30": ["--epochs", "30"],
 }
+# rungs on the full path, scored by the kept model: the final rung; "gpu", every candidate on a lent GPU
+# (bench/gpu_study.py); "confirm", named candidates against "new" on the tasks the GPU did not run (--confirm)
+FULL_RUNGS = ("final", "gpu", "confirm")
 ORDERED = {"elpv-fourclass"}  # tasks whose classes have an order (ELPV's defect probabilities)
 LONGER = ("e20", "e30")
 # the tasks whose targets call for longer training; on the rest a 30-epoch full-path run buys nothing to decide
@@ -82,7 +85,7 @@ def score(r: dict) -> float:
     or 6 epochs the model a run keeps is mostly the linear probe, the same for every candidate with the same
     backbone (so the kept model's score cannot rank them), and macro-F1 weighs ELPV 4-class's rare middle classes
     as balanced accuracy does. In the final rung, the kept model's balanced accuracy: what a user gets."""
-    if r["rung"] == "final":
+    if r["rung"] in FULL_RUNGS:
         return r["val_balanced_accuracy"]
     if r.get("finetune_val_macro_f1") is None:  # a row from before this field: read it from the run's folder
         r.update(finetune_from_disk(r["task"], r["candidate"], r["seed"], r["rung"]))
@@ -124,10 +127,10 @@ def finalists(rows: list[dict], task: str, n: int = FINALISTS) -> list[str] | No
     return [c for c in kept if c != "new"][:n] + ["new"] + (list(LONGER) if task in LONGER_TASKS else [])
 
 
-def plan(rows: list[dict], task: str, rung: str) -> list[tuple[str, int, list[str]]]:
+def plan(rows: list[dict], task: str, rung: str, confirm: tuple[str, ...] = ()) -> list[tuple[str, int, list[str]]]:
     """(candidate, seed, extra flags) of the runs rung `rung` still needs, or [] while its inputs are unfinished."""
-    if rung == "final":
-        cands = finalists(rows, task)
+    if rung in ("final", "confirm"):
+        cands = finalists(rows, task) if rung == "final" else ["new", *confirm]
         extra, seeds = ["--cached-views", "0"], range(3)
     else:
         r = int(rung)
@@ -142,12 +145,12 @@ def plan(rows: list[dict], task: str, rung: str) -> list[tuple[str, int, list[st
 def table(rows: list[dict], tasks: list[str]) -> str:
     out = []
     for task in tasks:
-        for rung in [*map(str, range(len(EPOCHS))), "final"]:
+        for rung in [*map(str, range(len(EPOCHS))), *FULL_RUNGS]:
             done = rung_rows(rows, task, rung)
             if not done:
                 continue
-            epochs = EPOCHS[int(rung)] if rung != "final" else "own"
-            how = ("full path; score: the kept model's balanced accuracy" if rung == "final" else
+            epochs = EPOCHS[int(rung)] if rung not in FULL_RUNGS else "own"
+            how = ("full path; score: the kept model's balanced accuracy" if rung in FULL_RUNGS else
                    "cached views; score: the fine-tune's macro-F1 after its last epoch")
             out.append(f"\n{task}, rung {rung} (epochs {epochs}, {how})"
                        "\n| candidate | seeds | validation accuracy (kept model) | score (mean ± sd) | minus new "
@@ -177,6 +180,8 @@ def main() -> None:
                                                           "are finished)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--table", action="store_true", help="print what the results file holds, run nothing")
+    ap.add_argument("--confirm", default="", help="with --rungs confirm: these candidates (comma-separated) and "
+                                                   "\"new\", full path, 3 seeds, on --tasks")
     ap.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: no limit)")
     args = ap.parse_args()
     results, tasks = Path(args.results), args.tasks.split(",")
@@ -185,7 +190,8 @@ def main() -> None:
         results.parent.mkdir(parents=True, exist_ok=True)
         for rung in args.rungs.split(","):
             for task in tasks:  # task by task: a rung's halving needs all of that task's runs
-                for cand, seed, extra in plan(load(results), task, rung):
+                confirm = tuple(c for c in args.confirm.split(",") if c)
+                for cand, seed, extra in plan(load(results), task, rung, confirm):
                     if args.max_runs and ran >= args.max_runs:
                         print(table(load(results), tasks))
                         return

@@ -76,3 +76,13 @@ def test_longer_training_joins_the_final_rung_on_the_elpv_targets():
     assert {"new", "e20", "e30"} <= final and len(final) == study.FINALISTS + 3
     runs = {c: flags for c, _, flags in study.plan(rows, task, "final")}
     assert study.CANDIDATES["e30"] == ["--epochs", "30"] and runs["e30"] == ["--cached-views", "0"]
+
+
+def test_confirm_runs_the_named_candidates_and_new_on_the_full_path_where_missing():
+    """--rungs confirm: the candidates a GPU study found, against "new", full path, 3 seeds, only the runs not yet
+    in the file; scored by the kept model as the final rung."""
+    rows = [_row("faces", "new", 0, "confirm", 0.8), _row("faces", "e20", 0, "confirm", 0.9)]
+    todo = study.plan(rows, "faces", "confirm", ("e20",))
+    assert sorted((c, s) for c, s, _ in todo) == [("e20", 1), ("e20", 2), ("new", 1), ("new", 2)]
+    assert all(extra == ["--cached-views", "0"] for _, _, extra in todo)
+    assert study.score(rows[1]) == 0.9
