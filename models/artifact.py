@@ -49,8 +49,10 @@ class Artifact:
     threshold: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # pupil_version, created_at, weights_sha256, onnx, ...
+    logit_bias: list[float] | None = None  # post-hoc logit adjustment chosen on validation (imbalanced data)
+    cam_head: dict[str, str] | None = None  # the linear head's tensor names, where CAM can run on the ONNX graph
     path: Path | None = None
-    config: dict[str, Any] = field(default_factory=dict)  # config.json as read
+    config: dict[str, Any] = field(default_factory=dict)  # config.json as read (for its hash; fields above typed)
     model: Any = None  # the torch module (load_artifact); None when only read (read_artifact)
 
     @property
@@ -135,7 +137,7 @@ def save_artifact(
             "weights_sha256": sha256_file(tmp / WEIGHTS),
             **(extra or {}),
         }
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_config(tmp, config)
         for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -216,13 +218,38 @@ def read_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
     return Artifact(
         spec=spec_from_config(cfg),
         labels=list(cfg["label_names"]),
-        temperature=float(cfg.get("temperature") or 1.0),
-        threshold=cfg.get("threshold"),
+        temperature=_typed(cfg, "temperature", directory),
+        threshold=_typed(cfg, "threshold", directory),
         metrics=dict(cfg.get("metrics") or {}),
         info=info,
+        logit_bias=_typed(cfg, "logit_bias", directory),
+        cam_head=_typed(cfg, "cam_head", directory),
         path=directory,
         config=cfg,
     )
+
+
+def _typed(cfg: dict[str, Any], key: str, directory: Path) -> Any:
+    """config.json's settings that change an answer, each checked for its type and range: a hand-edited or damaged
+    file is an ArtifactError naming the key, not a wrong answer or a TypeError deep in a request."""
+    v = cfg.get(key)
+    ok = True
+    if key == "temperature":
+        v = 1.0 if v is None else v
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+        v = float(v) if ok else v
+    elif key == "threshold":
+        ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
+    elif key == "logit_bias":
+        v = v or None
+        ok = v is None or (isinstance(v, list) and len(v) == cfg["num_classes"]
+                           and all(isinstance(b, (int, float)) and abs(b) < float("inf") for b in v))
+    elif key == "cam_head":
+        v = v or None
+        ok = v is None or (isinstance(v, dict) and isinstance(v.get("weight"), str))
+    if not ok:
+        raise ArtifactError(f"{directory / CONFIG}: {key} is {json.dumps(v)[:80]}, which is not a valid {key}")
+    return v
 
 
 def load_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
@@ -249,11 +276,20 @@ def load_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
     return art
 
 
+def write_config(directory: Path, cfg: dict[str, Any]) -> None:
+    """The one writer of config.json: a temporary file beside it, flushed to disk, then renamed over it, so a reader
+    sees the old file or the new one, never half of either."""
+    tmp = directory / f".{CONFIG}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(cfg, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / CONFIG)
+
+
 def update_config(directory: str | Path, **updates: Any) -> None:
-    """Update keys of config.json without touching the weights; atomic replace."""
+    """Update keys of config.json without touching the weights."""
     directory = Path(directory)
     cfg = read_config(directory)
     cfg.update(updates)
-    tmp = directory / f".{CONFIG}.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG)
+    write_config(directory, cfg)

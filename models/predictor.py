@@ -75,7 +75,7 @@ class Predictor:
         self.model = self.session = self.device = self.amp = self._device_thread = None
         self._head: np.ndarray | None = None
         # post-hoc logit adjustment chosen on validation for imbalanced data (training.metrics.choose_logit_bias)
-        bias = self.artifact.config.get("logit_bias")
+        bias = self.artifact.logit_bias
         self.bias = np.asarray(bias, dtype=np.float32) if bias else None
         if backend == "auto":
             if not torch_available():
@@ -277,7 +277,7 @@ class Predictor:
 
     def _head_weight(self) -> np.ndarray:
         if self._head is None:
-            head = self.artifact.config.get("cam_head")
+            head = self.artifact.cam_head
             if not head:
                 raise ExplainUnavailable(
                     f"{self.spec.architecture}'s head is not global average pooling + one linear layer, so the "

@@ -215,7 +215,7 @@ class ImageClassifier:
             "model": self.model_info,
             "weights_sha256": a.info.get("weights_sha256"),
             "backend": p.backend,
-            "explain": "grad-cam" if p.backend == "torch" else ("cam" if a.config.get("cam_head") else None),
+            "explain": "grad-cam" if p.backend == "torch" else ("cam" if a.cam_head else None),
             "tta": p.tta,
             "amp": str(p.amp).replace("torch.", "") if p.amp is not None else "fp32",
             "batching": self.batcher.stats() if self.batcher else None,

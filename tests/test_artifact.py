@@ -55,6 +55,23 @@ def test_tampered_or_truncated_artifact_is_refused_by_name(tmp_path):
         load_artifact(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("change", [{"temperature": "hot"}, {"temperature": 0}, {"threshold": 1.5},
+                                    {"logit_bias": [0.1]}, {"logit_bias": [0.1, "x"]}, {"cam_head": "fc"}])
+def test_a_setting_of_the_wrong_type_is_refused_by_name(tmp_path, change):
+    """config.json's settings that change an answer are read typed, once: a damaged or hand-edited value is an
+    ArtifactError naming the key and the file, never a wrong answer or a TypeError inside a request."""
+    from models.artifact import update_config
+
+    model, spec = create_model("small_cnn", 2, "none", width=8)
+    art = save_artifact(tmp_path / "art", model, spec, ["a", "b"], extra={"logit_bias": [0.5, -0.5]})
+    assert read_artifact(art).logit_bias == [0.5, -0.5] and read_artifact(art).temperature == 1.0
+    update_config(art, **change)
+    assert not list(art.glob(".*tmp")), "the writer left its temporary file"
+    key = next(iter(change))
+    with pytest.raises(ArtifactError, match=rf"config.json: {key} is"):
+        read_artifact(art)
+
+
 def test_version_changes_with_anything_that_changes_an_answer(tmp_path):
     from models.artifact import update_config
 
