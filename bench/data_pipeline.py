@@ -45,7 +45,8 @@ def ours_epoch(images, size: int, batch: int, seed: int) -> int:
 
 def ours(root: Path, size: int, batch: int, workers: int, repeats: int) -> tuple[list[float], list[float]]:
     from training.cache import DecodeCache
-    from training.data import ImageSet, scan
+    from training.data import ImageSet
+    from training.manifest import scan
 
     m = scan(root)
     cold, warm = [], []

@@ -53,7 +53,7 @@ EPOCHS = 4
 def files(args) -> tuple[str, list[str]]:
     """The ELPV folder and the same 320 training images for every row (pupil's own seeded split)."""
     from pupil.demo import materialise_elpv
-    from training.data import scan, split_manifest
+    from training.manifest import scan, split_manifest
     from training.prepare import limit_per_class
 
     data = materialise_elpv()
@@ -109,7 +109,8 @@ def run_variant(name: str, data: str, train: list[str], args) -> list[float]:
 
 def cache_batches(data: str, train: list[str], spec, gen):
     from training.cache import DecodeCache
-    from training.data import ImageSet, iterate, scan
+    from training.data import ImageSet, iterate
+    from training.manifest import scan
 
     m = scan(data)
     recs = [f for f in m.usable() if f.path in set(train)]

@@ -62,7 +62,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def image_paths(items: list[str]) -> list[Path]:
-    from training.data import hidden, walk_files
+    from training.manifest import hidden, walk_files
 
     paths: list[Path] = []
     for item in items:
@@ -254,7 +254,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from training.data import SPLITS, split_manifest, trainability, warnings_for
+    from training.manifest import SPLITS, split_manifest, trainability, warnings_for
     from training.table import TableSpec, scan_data
 
     spec = TableSpec(args.labels or "", args.path_col or "", args.label_col or "", args.split_col or "")

@@ -72,7 +72,7 @@ def post_image(url: str, path: Path, field: str = "image") -> tuple[int, dict]:
 
 def run_demo(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
-    from training.data import scan, split_manifest, trainability
+    from training.manifest import scan, split_manifest, trainability
     from training.fit import fit
 
     from .server import Server

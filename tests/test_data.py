@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import make_shapes_folder
 from tests.corpus import bad_files, good_files
-from training.data import scan, split_manifest, trainability
+from training.manifest import scan, split_manifest, trainability
 
 
 @pytest.fixture

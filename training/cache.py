@@ -44,7 +44,7 @@ class DecodeCache:
     def build(
         cls,
         root: str | Path,
-        records: Sequence,  # training.data.FileRecord: .path (relative to root) and .sha256
+        records: Sequence,  # training.manifest.FileRecord: .path (relative to root) and .sha256
         size: int,
         *,
         interpolation: str = "bicubic",

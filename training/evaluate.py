@@ -12,7 +12,7 @@ import torch
 from models.images import ImageError
 from models.predictor import Predictor
 
-from .data import scan
+from .manifest import scan
 from .metrics import evaluate_logits
 from .report import confident_mistakes, write_report
 

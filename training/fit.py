@@ -29,7 +29,8 @@ from models.runtime import same_random_streams
 
 from .budget import fit_time_limit, rerun_smaller
 from .config import TrainConfig
-from .data import ImageSet, Manifest
+from .data import ImageSet
+from .manifest import Manifest
 from .distributed import log
 from .finish import RunResult, finish
 from .interrupt import Interrupted, run_lock, stop_signals

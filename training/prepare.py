@@ -16,7 +16,8 @@ from models.runtime import amp_dtype, amp_name, autocast, pick_device, same_rand
 from .augment import make_policy
 from .config import TrainConfig
 from .cache import DecodeCache
-from .data import ImageSet, Manifest, apply_cache_failures, split_manifest, trainability
+from .data import ImageSet, apply_cache_failures
+from .manifest import Manifest, split_manifest, trainability
 from .distributed import Dist, log, setup_distributed
 from .loop import TrainSetup, smoothed_targets, stage_groups
 from .table import TableSpec, scan_data

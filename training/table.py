@@ -24,7 +24,7 @@ from pathlib import Path
 from models.decoder import DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS
 
-from .data import SPLIT_FOLDERS, FileRecord, Manifest, hidden, mark_duplicates, record, scan, verify_files, walk_files
+from .manifest import SPLIT_FOLDERS, FileRecord, Manifest, hidden, mark_duplicates, record, scan, verify_files, walk_files
 
 PATH_NAMES = ("path", "file", "file_name", "filename", "image", "image_path", "filepath")
 LABEL_NAMES = ("label", "class", "target", "category")
