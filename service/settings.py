@@ -55,6 +55,12 @@ def cuda_present(device: str) -> bool:
     return device in ("auto", "cuda") and torch.cuda.is_available()
 
 
+def model_name(env: Mapping[str, str] = os.environ) -> str:
+    """PUPIL_MODEL_NAME: the BentoML model name artifacts are imported under (Settings.model_name; on its own for
+    service/store.py, which needs no more of the settings and must not look for a GPU to get it)."""
+    return env.get("PUPIL_MODEL_NAME") or "pupil"
+
+
 def pinned_model_tag() -> str:
     """The model a Bento was built with (its bento.yaml, two folders above this file inside a Bento): what
     `bentoml serve BENTO` must serve. BentoML applies a Bento's environment variables only inside its container."""
@@ -139,7 +145,7 @@ class Settings:
             field_log_below=num("PUPIL_FIELD_LOG_BELOW", None, float),
             field_log_max_mb=num("PUPIL_FIELD_LOG_MAX_MB", 500.0, float),
             field_log_rotate_mb=num("PUPIL_FIELD_LOG_ROTATE_MB", 10.0, float),
-            model_name=env.get("PUPIL_MODEL_NAME") or "pupil",
+            model_name=model_name(env),
         )
 
 

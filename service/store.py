@@ -14,17 +14,19 @@ from pathlib import Path
 from models.artifact import CONFIG, WEIGHTS, locate, read_artifact
 from models.onnxrt import ONNX
 
-MODEL_NAME = os.environ.get("PUPIL_MODEL_NAME", "pupil")
+from .settings import model_name
 
 
-def import_artifact(artifact_dir: str | Path, name: str = MODEL_NAME) -> str:
-    """Copy the artifact into the BentoML model store if it is not there yet; return its tag ("name:version").
-    Its model.onnx (the CPU serving path) is exported, or re-checked, now, once, with its parity recorded."""
+def import_artifact(artifact_dir: str | Path, name: str | None = None) -> str:
+    """Copy the artifact into the BentoML model store if it is not there yet; return its tag ("name:version"; name
+    by default the settings' model_name, read when called). Its model.onnx (the CPU serving path) is exported, or
+    re-checked, now, once, with its parity recorded."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     from models.export import ensure_onnx
 
+    name = name or model_name()
     artifact_dir = Path(artifact_dir)
     read_artifact(artifact_dir)  # refuses a missing, truncated or tampered artifact, naming the file, before torch
     ensure_onnx(artifact_dir)

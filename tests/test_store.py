@@ -24,3 +24,14 @@ def test_tag_follows_the_answers_not_just_the_weights(trained_run, tmp_path):
     stored = bentoml.models.get(second)
     assert json.loads(Path(stored.path_of("config.json")).read_text())["threshold"] == 0.42
     assert resolve("pupil") == "pupil:latest" and resolve("pupil:abc") == "pupil:abc"
+
+
+def test_the_model_name_is_the_settings_one_read_when_imported(trained_run, tmp_path, monkeypatch):
+    """PUPIL_MODEL_NAME reaches the store through the service's settings, read when the artifact is imported (it
+    was read once when the module was, so a name set later was ignored)."""
+    from service.settings import Settings
+
+    monkeypatch.setenv("PUPIL_MODEL_NAME", "defects")
+    tag = import_artifact(trained_run / "model")
+    assert tag.split(":")[0] == "defects" == Settings.from_env().model_name
+    assert bentoml.models.get(tag).tag.name == "defects"
