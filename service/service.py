@@ -42,7 +42,7 @@ class ClassifyInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003 - the serde is BentoML's, not used
-        form = await read_form(request, "image", SETTINGS)
+        form = await read_form(request, "image", SETTINGS, many=False)
         k, t, bad = parse_options(form.fields)
         image = form.files[0] if form.files else Upload()
         return cls.model_construct(image=image, top_k=k, threshold=t, problem=form.problem or bad or image.problem)
@@ -58,7 +58,7 @@ class ClassifyBatchInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003
-        form = await read_form(request, "images", SETTINGS)
+        form = await read_form(request, "images", SETTINGS, many=True)
         k, t, bad = parse_options(form.fields)
         return cls.model_construct(images=form.files, top_k=k, threshold=t, problem=form.problem or bad)
 
@@ -72,7 +72,7 @@ class ExplainInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde):  # noqa: ARG003
-        form = await read_form(request, "image", SETTINGS)
+        form = await read_form(request, "image", SETTINGS, many=False)
         image = form.files[0] if form.files else Upload()
         return cls.model_construct(image=image, label=form.fields.get("label", ""),
                                    problem=form.problem or image.problem)

@@ -115,10 +115,10 @@ async def _read_body(request, limit: int, budget: InflightBudget) -> tuple[bytes
         budget.give(held)
 
 
-async def read_form(request, file_field: str, settings: Settings) -> Form:
+async def read_form(request, file_field: str, settings: Settings, *, many: bool) -> Form:
     """The request's files and other fields (options may also come in the query string, the form winning), or the
-    problem with the request as a whole. Never raises for bad input."""
-    many = file_field == "images"
+    problem with the request as a whole. Never raises for bad input. `many`: the route takes several files (its own
+    request limit, PUPIL_MAX_REQUEST_MB) or exactly one (PUPIL_MAX_MB)."""
     limit = settings.max_request_bytes if many else settings.max_bytes + 64 * 1024
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body, problem = await _read_body(request, limit, _budget(settings))
@@ -157,7 +157,7 @@ async def read_form(request, file_field: str, settings: Settings) -> Form:
     if not files:
         return Form(fields=fields, problem=Problem(400, "bad_request", f"no file in the form field '{file_field}'"))
     if not many and len(files) != 1:
-        return Form(fields=fields, problem=Problem(400, "bad_request", "send exactly one file as 'image'"))
+        return Form(fields=fields, problem=Problem(400, "bad_request", f"send exactly one file as '{file_field}'"))
     return Form(files, fields)
 
 
