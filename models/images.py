@@ -218,7 +218,7 @@ def decode_image(
     """Decode to an upright RGB image, or raise ImageError.
 
     draft_size: the shorter side the caller will resize to; large JPEGs are then decoded at a reduced scale in the
-    DCT domain (Pillow's draft mode, ~3x faster), never below that size.
+    DCT domain (Pillow's draft mode: BENCHMARKS.md, Data pipeline), never below that size.
     """
     im = decode_8bit(src, max_pixels=max_pixels, draft_size=draft_size)
     return im.convert("RGB") if im.mode == "L" else im

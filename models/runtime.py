@@ -69,8 +69,10 @@ def amp_dtype(device, mode: str = "auto", training: bool = False):
     auto: bf16 on CUDA (fp16 where bf16 is not supported). On a CPU, fp32 for serving and evaluation (the answers
     the artifact's users get, and what ONNX Runtime matches); with training=True, bf16 where the CPU has native
     bf16 (cpu_has_bf16): measured on an AVX512-BF16 EPYC, efficientnet_lite0 inference 1.9x faster (115 -> 219
-    img/s, batch 64: the probe's features and each epoch's validation), training steps 0.86x with every layer
-    learning (BENCHMARKS.md, training speed) and about even with the stem and 2 stages frozen, the default.
+    img/s, batch 64, one micro-measurement: the probe's features and each epoch's validation), training steps 0.86x
+    with every layer learning (BENCHMARKS.md, Training speed with bf16 and frozen stages); with the stem and 2
+    stages frozen (the default) the bundle of both is 1.18x the fp32 all-layers step there, though the trainable
+    tail alone steps slower in bf16 (0.89 against 0.72 s: training.views.tail_precision, which keeps it fp32).
     Training's final calibration and test run in fp32 (training.finish)."""
     import torch
 

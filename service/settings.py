@@ -117,8 +117,9 @@ class Settings:
             raise ValueError(f"PUPIL_BATCHING must be auto, on or off, not {mode!r}")
         batching = mode == "on" or (mode == "auto" and cuda_present(device))
         max_batch = max(1, num("PUPIL_MAX_BATCH", 32))
-        # BentoML runs sync endpoints in a pool of this many threads (its default, 1, serialised requests: 1.87x
-        # fewer requests/s here). One per core on a CPU; with batching, enough for a full batch to queue up.
+        # BentoML runs sync endpoints in a pool of this many threads (its default, 1, serialises requests: 65.2
+        # against 87.4 requests/s at 8 in flight here, though 63.3 against 51.6 with one client: BENCHMARKS.md,
+        # Serving). One per core on a CPU; with batching, enough for a full batch to queue up.
         handler = num("PUPIL_HANDLER_THREADS", max(cores(), max_batch) if batching else cores())
         return cls(
             model_tag=env.get("PUPIL_MODEL_TAG") or pinned_model_tag(),

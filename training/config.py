@@ -132,8 +132,8 @@ class TrainConfig:
     freeze_bn: bool = opt(True, "pretrained models: keep BatchNorm running statistics fixed while fine-tuning")
     compile: bool = opt(False, "torch.compile the model. Off by default, as measured (BENCHMARKS.md): on an H200, "
                                "lite0 at batch 128 gained 2.6 per cent in steady epochs and lost about 12 s compiling, so "
-                               "it pays only after some 2.6 million training images (650 epochs of 4,000); on a "
-                               "2-core CPU it compiled slowly and was no faster")
+                               "it pays only after some 2.6 million training images (650 epochs of 4,000); not "
+                               "measured on a CPU")
     val_split: float = opt(0.2, "fraction held out for validation when DATA has no val/ (valid/, validation/) split")
     seed: int = opt(0, "random seed: split, initialisation, order, augmentation")
     device: str = opt("auto", "auto | cpu | cuda | mps")
