@@ -1,7 +1,7 @@
 """Exports for people who deploy elsewhere, each checked against the torch output before it is kept.
 
-ONNX is also what the service runs on CPU (ONNX Runtime measured 2.4x over torch eager for efficientnet_lite0 at
-batch 1 here), and what the torch-free CPU image runs at all. The graph has two outputs: `logits`, and `features`,
+ONNX is also what the service runs on CPU (ONNX Runtime ran efficientnet_lite0 at batch 1 2.4x as fast as torch
+eager here, in a one-off measurement that is not one of BENCHMARKS.md's benchmarks), and what the torch-free CPU image runs at all. The graph has two outputs: `logits`, and `features`,
 the last feature map, from which the service draws /explain without torch (class activation mapping,
 models/explain.py). It is made by torch's current exporter (`torch.onnx.export(..., dynamo=True)`, torch.export +
 onnxscript); the TorchScript-based one is deprecated since torch 2.9.

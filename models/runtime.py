@@ -2,8 +2,9 @@
 the autocast dtype, and batches that shrink when a GPU runs out of memory.
 
 glibc returns every large freed block (a CNN's activations) to the kernel and faults it back in on the next pass.
-Raising the mmap and trim thresholds keeps them: measured here 2x on efficientnet_lite0 inference at batch 64
-(30 -> 15 ms/image) and 1.4-3.4x elsewhere (DESIGN.md). `mallopt()` at run time did not reproduce it here (nor did a
+Raising the mmap and trim thresholds keeps them: measured once here 2x on efficientnet_lite0 inference at batch 64
+(30 -> 15 ms/image) and 1.4-3.4x elsewhere (DESIGN.md; one-off figures, while BENCHMARKS.md's training benchmark
+found 0.91x, within its noise). `mallopt()` at run time did not reproduce it here (nor did a
 32 MB threshold: a batch's activations are larger), so the variables must be in the environment when the process
 starts: `ensure_allocator_env()` re-executes the process once with them. The price is memory: freed blocks are kept,
 so a process holds its peak working set until it exits (README "Memory" gives the measured peaks).
