@@ -13,6 +13,7 @@ max of requests per second; the headline is the ratio of medians (image / serve;
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -26,11 +27,11 @@ def start(side: str, artifact: str):
 
     port = free_port()
     if side == "image":
-        from deploy.buildah import ENTRYPOINT, IMAGE, buildah
+        from deploy.buildah import IMAGE, buildah, serve_image
 
         ctr = subprocess.run(buildah("from", f"{IMAGE}:latest"), check=True, capture_output=True,
                              text=True).stdout.strip()
-        cmd = buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", ctr, "--", ENTRYPOINT)
+        cmd = serve_image(ctr, port)  # with $PUPIL_API_TOKEN, which `pupil serve` below is given too
         return Server(cmd, port=port, timeout=300).start(), ctr
     return Server.for_artifact(artifact, port=port, timeout=300).start(), None
 
@@ -43,6 +44,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     header("the container image against pupil serve")
+    import secrets
+
+    # one token for both sides (the image refuses to start without one): the same check on every request
+    os.environ.setdefault("PUPIL_API_TOKEN", secrets.token_urlsafe(32))
     from deploy.buildah import buildah
 
     items = payloads()

@@ -29,6 +29,7 @@ import httpx
 from PIL import Image
 
 from bench.common import elpv_images, header, spread
+from pupil.server import auth_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def load(url: str, items: list[tuple[str, bytes]], count: int, concurrency: int)
 
     def one(i: int) -> None:
         nonlocal errors
-        client = getattr(local, "c", None) or httpx.Client(timeout=120)
+        client = getattr(local, "c", None) or httpx.Client(timeout=120, headers=auth_headers())
         local.c = client
         name, data = items[i % len(items)]
         t0 = time.perf_counter()

@@ -29,6 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pupil.server import auth_headers
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "soak.json"
 MIX = (("good", 0.55), ("bad", 0.10), ("fuzzed", 0.20), ("batch", 0.15))
@@ -70,7 +72,7 @@ def traffic(url: str, seconds: float, concurrency: int = 8, seed: int = 0, files
 
     def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
-        with httpx.Client(timeout=120) as c:
+        with httpx.Client(timeout=120, headers=auth_headers()) as c:
             while time.monotonic() < stop:
                 kind = rng.choices(kinds, weights)[0]
                 start = time.monotonic()
@@ -195,7 +197,7 @@ def start_target(args, cg: Cgroup):
 
     port = free_port()
     if args.target == "image":
-        from deploy.buildah import ENTRYPOINT, IMAGE, buildah, image_exists
+        from deploy.buildah import IMAGE, buildah, image_exists, serve_image
 
         try:
             have = image_exists(f"{IMAGE}:latest")
@@ -204,7 +206,7 @@ def start_target(args, cg: Cgroup):
         if have:
             ctr = subprocess.run(buildah("from", f"{IMAGE}:latest"), check=True, capture_output=True,
                                  text=True).stdout.strip()
-            cmd = buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", ctr, "--", ENTRYPOINT)
+            cmd = serve_image(ctr, port)  # with $PUPIL_API_TOKEN (made if unset), which the clients send
             return Server(cg.wrap(cmd), port=port, timeout=300).start(), f"the container image {IMAGE}:latest", ctr
         print(f"soak: no image {IMAGE}:latest (or no buildah): `pupil serve {args.artifact}` instead", flush=True)
     cmd = [sys.executable, "-m", "pupil", "serve", args.artifact, "--port", str(port), "--host", "127.0.0.1"]

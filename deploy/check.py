@@ -12,22 +12,29 @@ It prints one JSON line of figures (README "Deploy" quotes them) and exits 1 if 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .buildah import ENTRYPOINT, WORK, buildah, image_exists, image_size, require_tools, say
+from .buildah import ENTRYPOINT, WORK, buildah, image_exists, image_size, require_tools, say, serve_image
 
 CPU_SIZE_LIMIT_MB = 1000
 
 
-def curl(url: str, *args: str, show: bool = False) -> tuple[str, bytes, str]:
-    """(HTTP status, body, content type) of one curl request: what a user would type."""
+TOKEN = ""  # the token the image under test is started with (check_image): sent by curl and the load
+AUTH_SHOWN = "Authorization: Bearer ***"  # what the log shows instead of it
+
+
+def curl(url: str, *args: str, show: bool = False, auth: bool = True) -> tuple[str, bytes, str]:
+    """(HTTP status, body, content type) of one curl request: what a user would type (the token masked in the log)."""
+    head = ["-H", f"Authorization: Bearer {TOKEN}"] if auth and TOKEN else []
     if show:
-        say("curl " + " ".join([*args, url]))
-    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code} %{content_type}", *args, url],
+        say("curl " + " ".join([*(["-H", repr(AUTH_SHOWN)] if head else []), *args, url]))
+    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code} %{content_type}", *head, *args, url],
                          capture_output=True, timeout=120).stdout
     body, _, tail = out.rpartition(b"\n")
     status, _, kind = tail.decode().partition(" ")
@@ -75,6 +82,9 @@ def routes(url: str, picture: Path, problems: list[str]) -> dict:
     status, body, kind = curl(f"{url}/ui/", show=True)
     if status != "200" or kind != "text/html" or b"<html" not in body.lower():
         problems.append(f"/ui/ answered HTTP {status} ({kind})")
+    status, body, _ = curl(f"{url}/classify", "-F", f"image=@{picture}", show=True, auth=False)
+    if TOKEN and (status != "401" or json.loads(body or b"{}").get("error") != "unauthorized"):
+        problems.append(f"/classify without the token answered HTTP {status}, not 401")
     status, body, _ = curl(f"{url}/classify", "-F", f"image=@{junk}", show=True)
     if status != "400" or json.loads(body or b"{}").get("error") != "not_an_image":
         problems.append(f"a corrupt upload got HTTP {status}, not a 400 JSON error")
@@ -93,7 +103,7 @@ def under_load(url: str, picture: Path, pids: list[int], n: int = 200, concurren
     peak = rss_mb(pids)
 
     def one(_):
-        with httpx.Client(timeout=60) as c:
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {TOKEN}"} if TOKEN else {}) as c:
             return c.post(f"{url}/classify", files={"image": ("x.png", data)}).status_code
 
     t0 = time.perf_counter()
@@ -106,6 +116,22 @@ def under_load(url: str, picture: Path, pids: list[int], n: int = 200, concurren
     codes = [f.result() for f in futures]
     return {"load_requests": n, "load_concurrency": concurrency, "load_rps": round(n / seconds, 1),
             "load_errors": sum(c != 200 for c in codes), "rss_load_peak_mb": round(max(peak, rss_mb(pids)))}
+
+
+def refuses_without_token(ctr: str, port: int) -> str | None:
+    """The image listens on every interface, so started with no token it must exit at once with one line saying
+    how to give one; a problem, or None."""
+    say(f"buildah run --isolation chroot {ctr} -- {ENTRYPOINT}   (no token: it must refuse to start)")
+    try:
+        r = subprocess.run(buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", ctr, "--", ENTRYPOINT),
+                           capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "the image, started with no token, was still running after 120 s"
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "PUPIL_API_TOKEN" in ln]
+    if r.returncode == 0 or not lines:
+        return f"the image, started with no token, exited {r.returncode} without saying how to give one"
+    say(f"refused (exit {r.returncode}): {lines[-1].strip()}")
+    return None
 
 
 def check_image(image: str, *, artifact: str | None = None, sample: str | None = None, port: int = 0,
@@ -146,9 +172,13 @@ def check_image(image: str, *, artifact: str | None = None, sample: str | None =
         if [p for p in probe[1:] if p != "torch"]:
             problems.append(f"build tools or apt lists in the image: {[p for p in probe[1:] if p != 'torch']}")
         port = port or free_port()
-        say(f"buildah run --isolation chroot {ctr} -- {ENTRYPOINT}   (PORT={port}, uid {uid})")
-        server = Server(buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", ctr, "--", ENTRYPOINT),
-                        port=port, timeout=timeout, log=WORK / "container-serve.log")
+        refused = refuses_without_token(ctr, port)
+        if refused:
+            problems.append(refused)
+        global TOKEN
+        TOKEN = secrets.token_urlsafe(32)
+        say(f"buildah run --isolation chroot -e PUPIL_API_TOKEN=*** {ctr} -- {ENTRYPOINT}   (PORT={port}, uid {uid})")
+        server = Server(serve_image(ctr, port, TOKEN), port=port, timeout=timeout, log=WORK / "container-serve.log")
         try:
             server.start()
         except (RuntimeError, TimeoutError) as e:
@@ -164,7 +194,8 @@ def check_image(image: str, *, artifact: str | None = None, sample: str | None =
         if artifact:
             say(f"pupil verify {artifact} --url {server.url}")
             r = subprocess.run([sys.executable, "-m", "pupil", "verify", artifact, "--url", server.url, "--no-serve"],
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "PUPIL_API_TOKEN": TOKEN})
             report = json.loads((r.stdout.strip().splitlines() or ["{}"])[-1] or "{}")
             figures["verify_images"], figures["verify_max_abs"] = report.get("images"), report.get("service_max_abs")
             if r.returncode != 0:

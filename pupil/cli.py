@@ -160,7 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="import the artifact into BentoML's model store and serve it over HTTP")
     s.add_argument("artifact", help="artifact or run directory, or a BentoML model tag")
     s.add_argument("--port", type=int, default=3000)
-    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only). Any other, such as "
+                        "0.0.0.0, needs a token (--token auto, $PUPIL_API_TOKEN or $PUPIL_API_TOKEN_FILE) or --no-auth")
+    s.add_argument("--token", choices=["auto"], default=None,
+                   help="auto: make a token (printed once, kept in the run folder's api-token, mode 0600) and "
+                        "require it as 'Authorization: Bearer TOKEN' on every route but /livez, /readyz and /metrics. "
+                        "A token of your own: $PUPIL_API_TOKEN, or $PUPIL_API_TOKEN_FILE (one a line, re-read when "
+                        "it changes), never on the command line")
+    s.add_argument("--no-auth", action="store_true",
+                   help="serve beyond loopback without a token (anyone who can reach the port can call the model)")
     s.add_argument("--decode-timeout", type=seconds, default=None,
                    help="seconds one upload may take to decode before it is answered 422 timeout (default "
                         f"$PUPIL_DECODE_TIMEOUT or {DEFAULT_DECODE_TIMEOUT:g}; 0: no deadline). Memory per decode: "

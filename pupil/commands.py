@@ -212,14 +212,41 @@ def serve_env(tag: str, decode_timeout: float | None = None) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.auth import Tokens, loopback, startup_problem, token_file
+
+    env = {"PUPIL_BIND": args.host, **({"PUPIL_AUTH": "off"} if args.no_auth else {})}
+    if args.token == "auto":  # made once, kept beside the run (mode 0600), printed only when made
+        path = token_home(args.artifact)
+        token, made = token_file(path)
+        env["PUPIL_API_TOKEN_FILE"] = str(path.resolve())
+        print(f"pupil serve: token {token}  (send it as 'Authorization: Bearer TOKEN'; kept in {path}, mode 0600)"
+              if made else f"pupil serve: the token in {path} is required (Authorization: Bearer TOKEN)",
+              file=sys.stderr)
+    if (problem := startup_problem({**os.environ, **env})) is not None:
+        if not Tokens({**os.environ, **env}).configured and not loopback(args.host):
+            problem = (f"--host {args.host} listens beyond this machine, and no token is set: add --token auto (or "
+                       "set PUPIL_API_TOKEN or PUPIL_API_TOKEN_FILE), or --no-auth to serve without one")
+        print(f"pupil serve: {problem}", file=sys.stderr)  # that, or an unreadable or empty token file
+        return 2
     tag = store_tag("serve", args.artifact)
     if tag is None:
         return 2
     print(f"pupil serve: model {tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
            "--host", args.host, "--port", str(args.port)]
-    os.execve(sys.executable, cmd, serve_env(tag, args.decode_timeout))
+    os.execve(sys.executable, cmd, {**serve_env(tag, args.decode_timeout), **env})
     return 0  # not reached
+
+
+def token_home(target: str) -> Path:
+    """Where `--token auto` keeps the token: the run folder of a run or artifact directory, else pupil's cache."""
+    from models.artifact import locate
+    from training.cache import default_cache_dir
+
+    art = locate(target)
+    if art.is_dir():
+        return (art.parent if art.name == "model" else art) / "api-token"
+    return default_cache_dir() / "tokens" / (target.replace(":", "-").replace("/", "-") + ".token")
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -22,6 +22,19 @@ import urllib.request
 from pathlib import Path
 
 
+def auth_headers(env=os.environ) -> dict[str, str]:
+    """The header a client of a pupil service sends: the token in $PUPIL_API_TOKEN, else the first in
+    $PUPIL_API_TOKEN_FILE (service/auth.py), else none (a service on loopback with no token asks for none)."""
+    token = env.get("PUPIL_API_TOKEN", "").strip()
+    if not token and env.get("PUPIL_API_TOKEN_FILE"):
+        try:
+            lines = Path(env["PUPIL_API_TOKEN_FILE"]).read_text().splitlines()
+            token = next((t for line in lines if (t := line.strip()) and not t.startswith("#")), "")
+        except OSError:
+            pass
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,7 +108,7 @@ class Server:
     @classmethod
     def for_artifact(cls, artifact: str | Path, *, env: dict[str, str] | None = None, port: int = 0,
                      host: str | None = "127.0.0.1", log: str | Path | None = None, timeout: float = 180) -> "Server":
-        """`pupil serve ARTIFACT` on loopback (host None: pupil serve's own default, every interface)."""
+        """`pupil serve ARTIFACT` on loopback (host None: pupil serve's own default, loopback too)."""
         port = port or free_port()
         cmd = [sys.executable, "-m", "pupil", "serve", os.fspath(artifact), "--port", str(port)]
         cmd += ["--host", host] if host else []

@@ -121,8 +121,13 @@ def _through_service(artifact_dir: Path, files: list[Path], url: str | None) -> 
 def _ask(url: str, files: list[Path]) -> tuple[np.ndarray | None, str | None]:
     import httpx
 
-    with httpx.Client(timeout=60) as c:
-        labels = c.post(f"{url}/metadata").json()["classes"]
+    from .server import auth_headers
+
+    with httpx.Client(timeout=60, headers=auth_headers()) as c:  # $PUPIL_API_TOKEN, where the service asks for one
+        r = c.post(f"{url}/metadata")
+        if r.status_code != 200:
+            return None, f"service: HTTP {r.status_code} on /metadata: {r.text[:200]}"
+        labels = r.json()["classes"]
         out = []
         for f in files:
             r = c.post(f"{url}/classify", files={"image": (f.name, f.read_bytes())}, data={"top_k": str(len(labels))})

@@ -7,6 +7,7 @@ environment once (service/settings.py). On CPU it runs ONNX Runtime and imports 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,16 @@ from models.explain import ExplainUnavailable
 from models.images import ImageError
 from models.predictor import Predictor
 
+from .auth import BearerAuth, serving, startup_problem
 from .batcher import Batcher
 from .field_log import FieldLog
 from .settings import SETTINGS
 from .uploads import Problem, Upload, parse_options, read_form
 
 logger = logging.getLogger("pupil.service")
+if serving() and (_refusal := startup_problem()) is not None:  # beyond loopback with no token: refuse, in one line
+    print(f"pupil: {_refusal}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 class ClassifyInput(bentoml.IODescriptor):
@@ -225,3 +230,6 @@ class ImageClassifier:
             "limits": {"max_bytes": s.max_bytes, "max_request_bytes": s.max_request_bytes,
                        "max_pixels": s.max_pixels, "max_files": s.max_files},
         }
+
+
+ImageClassifier.add_asgi_middleware(BearerAuth)  # service/auth.py: a token on every route but the probes and docs

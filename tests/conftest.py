@@ -79,7 +79,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(trained_run):
-    """`pupil serve` of the trained run with its default host (every interface; spoken to on loopback), shared by
+    """`pupil serve` of the trained run with its default host (loopback, so no token is needed), shared by
     every test that only reads from it."""
     from pupil.server import Server
 

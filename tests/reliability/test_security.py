@@ -77,8 +77,9 @@ def test_no_code_can_unpickle():
     assert {k: v for k, v in found.items() if v} == {}
 
 
-def test_the_service_listens_on_every_interface_on_its_port(server):
-    """`pupil serve` (and the container) bind 0.0.0.0: read from the running server's own sockets."""
+def test_the_service_listens_on_loopback_only_by_default(server):
+    """`pupil serve` binds 127.0.0.1 unless told otherwise (beyond it, a token: tests/test_auth.py): read from the
+    running server's own sockets."""
     listening = set()
     for pid in server.pids():
         try:
@@ -86,7 +87,7 @@ def test_the_service_listens_on_every_interface_on_its_port(server):
         except psutil.Error:
             continue
         listening |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
-    assert ("0.0.0.0", server.port) in listening, listening
+    assert ("127.0.0.1", server.port) in listening and ("0.0.0.0", server.port) not in listening, listening
     from pupil.cli import build_parser
 
     assert build_parser().parse_args(["serve", "x"]).port == 3000
