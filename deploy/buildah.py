@@ -14,14 +14,15 @@ CONTAINER_CERT = "/etc/ssl/certs/ca-certificates.crt"  # where Debian's ca-certi
 ENTRYPOINT = "/home/bentoml/bento/env/docker/entrypoint.sh"
 
 
-def serve_image(ctr: str, port: int, token: str | None = None) -> list[str]:
+def serve_image(ctr: str, port: int, token: str | None = None, env: dict[str, str] | None = None) -> list[str]:
     """`buildah run` of the image's entrypoint on `port` (every interface inside) with a token (default: the
     caller's $PUPIL_API_TOKEN, made for this run if unset): without one the image refuses to start."""
     import secrets
 
     token = token or os.environ.setdefault("PUPIL_API_TOKEN", secrets.token_urlsafe(32))
-    return buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", "-e", f"PUPIL_API_TOKEN={token}", ctr, "--",
-                   ENTRYPOINT)
+    extra = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
+    return buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", "-e", f"PUPIL_API_TOKEN={token}", *extra,
+                   ctr, "--", ENTRYPOINT)
 
 
 def say(msg: str) -> None:

@@ -134,6 +134,25 @@ def refuses_without_token(ctr: str, port: int) -> str | None:
     return None
 
 
+# what deploy/k8s/pupil.yaml sets so that the service writes only in /tmp (an emptyDir there) and BentoML's metrics
+# folder (another): Python's bytecode cache and ONNX Runtime's ~/.cache device id; the container test runs with them
+READ_ONLY_ENV = {"PYTHONPYCACHEPREFIX": "/tmp/pycache", "XDG_CACHE_HOME": "/tmp/cache"}
+RUNTIME_FILES = ("/tmp/", "/dev/", "/proc/", "/sys/", "/run/", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf",
+                 "/home/bentoml/prometheus_multiproc_dir/")  # BentoML's metrics files: an emptyDir in the manifest
+
+
+def written_outside_tmp(ctr: str, since: float) -> list[str]:
+    """Files the container wrote since `since` anywhere but /tmp (and what the runtime itself writes): what a
+    read-only root filesystem (deploy/k8s/pupil.yaml: readOnlyRootFilesystem, an emptyDir at /tmp) would refuse."""
+    mnt = subprocess.run(buildah("mount", ctr), capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        found = subprocess.run(["find", mnt, "-xdev", "-newermt", f"@{since:.0f}", "-not", "-type", "d"],
+                               capture_output=True, text=True).stdout.splitlines()
+    finally:
+        subprocess.run(buildah("umount", ctr), capture_output=True)
+    return sorted(p[len(mnt):] for p in found if not p[len(mnt):].startswith(RUNTIME_FILES))
+
+
 def check_image(image: str, *, artifact: str | None = None, sample: str | None = None, port: int = 0,
                 timeout: float = 300) -> int:
     from pupil.server import Server, free_port
@@ -172,13 +191,15 @@ def check_image(image: str, *, artifact: str | None = None, sample: str | None =
         if [p for p in probe[1:] if p != "torch"]:
             problems.append(f"build tools or apt lists in the image: {[p for p in probe[1:] if p != 'torch']}")
         port = port or free_port()
+        started = time.time() - 1
         refused = refuses_without_token(ctr, port)
         if refused:
             problems.append(refused)
         global TOKEN
         TOKEN = secrets.token_urlsafe(32)
         say(f"buildah run --isolation chroot -e PUPIL_API_TOKEN=*** {ctr} -- {ENTRYPOINT}   (PORT={port}, uid {uid})")
-        server = Server(serve_image(ctr, port, TOKEN), port=port, timeout=timeout, log=WORK / "container-serve.log")
+        server = Server(serve_image(ctr, port, TOKEN, READ_ONLY_ENV), port=port, timeout=timeout,
+                        log=WORK / "container-serve.log")
         try:
             server.start()
         except (RuntimeError, TimeoutError) as e:
@@ -207,6 +228,10 @@ def check_image(image: str, *, artifact: str | None = None, sample: str | None =
         if server is not None:
             say("stopping the container and every process it started")
             server.stop()
+            written = written_outside_tmp(ctr, started)
+            say(f"written outside /tmp while it served: {written[:10] or 'nothing'}")
+            if written:
+                problems.append(f"the service wrote outside /tmp (a read-only root would refuse): {written[:10]}")
         subprocess.run(buildah("rm", ctr), capture_output=True)
     print(json.dumps(figures))
     if problems:

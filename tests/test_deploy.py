@@ -32,3 +32,26 @@ def test_manifest_runs_the_service_as_the_image_expects():
     assert c["ports"][0]["containerPort"] == 3000
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+
+
+def test_manifest_keeps_a_secret_and_a_read_only_root():
+    """The token comes from a Secret mounted as a file (PUPIL_API_TOKEN_FILE points into it); the root filesystem
+    is read-only, with an emptyDir wherever the service writes (/tmp and BentoML's metrics folder: the container
+    test checks it writes nowhere else, with the same environment)."""
+    from deploy.check import READ_ONLY_ENV, RUNTIME_FILES
+
+    pod = next(d for d in yaml.safe_load_all(MANIFEST.read_text()) if d["kind"] == "Deployment")["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    secret_dir = next(p for p, n in mounts.items() if "secret" in volumes[n])
+    assert env["PUPIL_API_TOKEN_FILE"].startswith(secret_dir + "/") and "PUPIL_API_TOKEN" not in env
+    assert "PUPIL_AUTH" not in env
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    for key, value in READ_ONLY_ENV.items():
+        assert env[key] == value
+    writable = {p for p, n in mounts.items() if "emptyDir" in volumes[n]}
+    assert writable == {"/tmp", "/home/bentoml/prometheus_multiproc_dir"}
+    assert all(any(w.rstrip("/") + "/" == f or f.startswith(w + "/") for w in writable)
+               for f in RUNTIME_FILES if f.startswith(("/tmp", "/home")))
