@@ -123,7 +123,8 @@ def refuses_without_token(ctr: str, port: int) -> str | None:
     how to give one; a problem, or None."""
     say(f"buildah run --isolation chroot {ctr} -- {ENTRYPOINT}   (no token: it must refuse to start)")
     try:
-        r = subprocess.run(buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", ctr, "--", ENTRYPOINT),
+        env = [a for k, v in READ_ONLY_ENV.items() for a in ("-e", f"{k}={v}")]
+        r = subprocess.run(buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", *env, ctr, "--", ENTRYPOINT),
                            capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         return "the image, started with no token, was still running after 120 s"
