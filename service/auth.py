@@ -17,6 +17,7 @@ as SHA-256 digests and compared in constant time; no token, and no part of one, 
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -146,10 +147,14 @@ def is_open(path: str) -> bool:
 
 
 class BearerAuth:
-    """ASGI middleware: 401 for a protected path without an accepted token, before the app (or the body) is read."""
+    """ASGI middleware: 401 for a protected path without an accepted token, before the app (or the body) is read.
+    Each refusal waits `delay` seconds first (PUPIL_AUTH_DELAY_MS, default 100; an event-loop sleep, no CPU): a client
+    that guesses, or floods, gets at most one answer per connection in that time, and good requests keep the cores
+    (bench/auth_flood.py)."""
 
-    def __init__(self, app, tokens: Tokens | None = None):
+    def __init__(self, app, tokens: Tokens | None = None, delay: float | None = None):
         self.app, self.tokens = app, tokens or Tokens()
+        self.delay = delay if delay is not None else max(0.0, float(os.environ.get("PUPIL_AUTH_DELAY_MS", "100"))) / 1000
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.tokens.configured or is_open(scope["path"]):
@@ -162,6 +167,8 @@ class BearerAuth:
         body, kind = json.dumps({"error": "unauthorized", "detail": detail}).encode(), b"application/json"
         if scope["path"].rstrip("/") == "/ui" and b"text/html" in headers.get(b"accept", b""):
             body, kind = (Path(__file__).parent / "ui.html").read_bytes(), b"text/html; charset=utf-8"
+        if self.delay:
+            await asyncio.sleep(self.delay)
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b'Bearer realm="pupil"'), (b"cache-control", b"no-store")]})
