@@ -142,3 +142,12 @@ def test_the_service_itself_refuses_to_listen_beyond_loopback_without_a_token(tm
     r = subprocess.run([sys.executable, "-c", "import service.service"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bentomls_own_client_passes_with_its_token_argument(guarded):
+    """The README's client example: BentoML's SyncHTTPClient(url, token=...) reads the open API docs, then calls the
+    routes with the token."""
+    import bentoml
+
+    with bentoml.SyncHTTPClient(guarded.url, token=_token(guarded.run)) as client:
+        assert client.metadata()["classes"] == ["blue", "red"]
