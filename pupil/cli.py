@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("artifact", help="artifact or run directory")
     vf.add_argument("images", nargs="*", help="images (default: the run's validation images plus odd variants)")
     vf.add_argument("--no-serve", action="store_true", help="skip the live-service leg")
-    vf.add_argument("--url", help="check this running service (e.g. a container) instead of starting one")
+    vf.add_argument("--url", help="check this running service (e.g. a container) instead of starting one; a token "
+                                  "it asks for is sent from $PUPIL_API_TOKEN or $PUPIL_API_TOKEN_FILE")
     vf.set_defaults(func=cmd_verify)
 
     cp = sub.add_parser("compare", help="a table of runs (e.g. transfer vs scratch): accuracy, macro-F1, ECE, time")
