@@ -1,6 +1,8 @@
 """Two more real image sets for the quality benchmark, of other natures than ELPV, both shipped inside packages:
   digits   scikit-learn's handwritten digits (UCI): 1,797 scans of digits written by 43 people, 8x8 gray, 10 classes
   faces    scikit-image's subset of Labeled Faces in the Wild: 100 photographed faces and 100 other photo crops, 25x25
+  colours  made here, the easiest possible set: 80 noisy 8x8 patches, 40 red and 40 blue (seeded), for what a label
+           finder flags where any model is right
 Written as PNG files (upscaled 4x, nearest neighbour, so a pixel stays a pixel) into DATA/train/<class>/ and
 DATA/test/<class>/, a quarter of each class in test, seeded.
 """
@@ -23,7 +25,13 @@ def _arrays(task: str) -> tuple[np.ndarray, list[str]]:
 
         x = lfw_subset()
         return (x * 255).clip(0, 255).astype(np.uint8), ["face"] * 100 + ["other"] * (len(x) - 100)
-    raise ValueError(f"unknown task {task!r}: digits or faces")
+    if task == "colours":
+        rng = np.random.default_rng(0)
+        base = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+        labels = ["red"] * 40 + ["blue"] * 40
+        x = np.stack([np.clip(np.array(base[c]) + rng.normal(0, 30, (8, 8, 3)), 0, 255) for c in labels])
+        return x.astype(np.uint8), labels
+    raise ValueError(f"unknown task {task!r}: digits, faces or colours")
 
 
 def make_task(task: str, dest: Path, fraction: float = 0.25, seed: int = 0) -> Path:
@@ -43,6 +51,7 @@ def make_task(task: str, dest: Path, fraction: float = 0.25, seed: int = 0) -> P
         for k, i in enumerate(idx):
             path = dest / ("test" if k < n_test else "train") / c / f"{task}_{i:05d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.kron(images[i], np.ones((4, 4), np.uint8))).save(path)
+            up = np.ones((4, 4) + (1,) * (images[i].ndim - 2), np.uint8)
+            Image.fromarray(np.kron(images[i], up)).save(path)
     done.write_text(f"{task}, made from a package's bundled data\n")
     return dest

@@ -9,7 +9,9 @@ Beside it, what dropping the flagged training images does to a linear probe trai
 task's untouched test split (a probe-only stand-in for a default run with and without --drop-label-issues: a full
 fine-tune per cell did not fit this session's CPU time).
 
-    python -m bench.label_issues [--tasks digits,elpv-binary] [--seeds 0,1,2] [--rate 0.05]
+    python -m bench.label_issues [--tasks digits,elpv-binary,colours] [--seeds 0,1,2] [--rate 0.05]
+
+(colours: bench.digits' easy two-colour set; --rate 0: nothing flipped, what is flagged is all false alarms)
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ def main() -> None:
                 continue
 
             def ms(j: int, rs=rs) -> str:
+                if j < 4 and args.rate == 0:
+                    return "n/a"  # nothing flipped: only the number flagged means anything
                 v = [r[j] for r in rs]
                 return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
 
