@@ -21,7 +21,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 
 from bench.common import BENCH_DIR, elpv_images, header
 
@@ -36,18 +35,11 @@ class Peaks:
         self._t.start()
 
     def sample(self) -> tuple[int, int]:
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.Error:
-            return 0, 0
-        rss = []
-        for p in procs:
-            try:
-                rss.append(p.memory_info().rss)
-            except psutil.Error:
-                pass
-        return max(rss, default=0), sum(rss)
+        from deploy.check import rss_mb
+        from pupil.server import process_tree
+
+        rss = [rss_mb([pid]) * 2**20 for pid in process_tree(self.pid)]  # 0 for one that ended meanwhile
+        return int(max(rss, default=0)), int(sum(rss))
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,25 +21,10 @@ CONCURRENCY = 16
 
 def _rss_of_tree(pid: int) -> int:
     """Resident bytes of a process and all its descendants (the BentoML arbiter and its workers)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        stack.extend(children.get(p, []))
-    return total
+    from deploy.check import rss_mb
+    from pupil.server import process_tree
+
+    return int(rss_mb(process_tree(pid)) * 2**20)
 
 
 def _jpeg(colour, size) -> bytes:
