@@ -375,19 +375,26 @@ def recipe() -> dict:
 
 @step("study")
 def study_step() -> dict:
-    """bench/gpu_study.py: the recipe study's candidates on the full path, 3 seeds, ELPV 4-class then binary; rows
-    in $OUT/study-gpu.jsonl as each run ends. It stops starting runs STUDY_SECONDS after it began (default 420)."""
+    """bench/gpu_study.py: the recipe study's candidates on the full path, 3 seeds (STUDY_ROUND 1: every candidate
+    on ELPV 4-class then binary; 2: round 1's winner confirmed on the other tasks and combined with the runners-up);
+    rows in $OUT/study-gpu.jsonl as each run ends. It stops starting runs STUDY_SECONDS after it began (420)."""
     from bench import gpu_study
     from bench.elpv import make_task
 
-    folders = {t: make_task(t.split("-", 1)[1], WORK / t, ELPV, suffix=".jpg") for t in gpu_study.TASKS}
+    round_ = int(os.environ.get("STUDY_ROUND", "1"))
+    tasks = sorted({t for t, _, _ in gpu_study.jobs(round_=round_)})
+    # ELPV from .gpu/elpv.zip; digits and faces as made here by `bash bench/gpu.sh prepare` (.gpu/other.zip: no
+    # scikit-learn or scikit-image there), unpacked beside it
+    folders = {t: make_task(t.split("-", 1)[1], WORK / t, ELPV, suffix=".jpg") if t.startswith("elpv-")
+               else ELPV.parent / t for t in tasks}
     OUT.mkdir(parents=True, exist_ok=True)
-    results = OUT / "study-gpu.jsonl"
+    results = OUT / ("study-gpu.jsonl" if os.environ.get("STUDY_ROUND", "1") == "1" else "study-gpu2.jsonl")
     import torch
 
     t_end = time.monotonic() + float(os.environ.get("STUDY_SECONDS", "420"))
     rows = gpu_study.run(folders, WORK, results, parallel=int(os.environ.get("STUDY_PARALLEL", "8")),
-                         deadline=t_end, small=SMALL, device="cuda" if torch.cuda.is_available() else "cpu", say=say)
+                         deadline=t_end, small=SMALL, device="cuda" if torch.cuda.is_available() else "cpu", say=say,
+                         round_=round_)
     return {"runs": len(rows), "errors": sum("error" in r for r in rows), "rows": str(results)}
 
 

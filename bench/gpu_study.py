@@ -25,11 +25,31 @@ from bench import recipe, study
 
 TASKS = ("elpv-fourclass", "elpv-binary")
 SEEDS = (0, 1, 2)
+# Round 2 (STUDY_ROUND=2), from round 1's rows (BENCHMARKS.md, "Recipe study on a lent GPU"): 20 epochs won on both
+# ELPV tasks, so (a) "e20" against "new" on the tasks round 1 did not run, which the rule for a default needs (it
+# must lose on no task), and (b) round 1's trades and near-wins on top of 20 epochs, against "e20", on ELPV.
+ROUND2_CONFIRM = {"elpv-type": ["new", "e20"], "digits": ["new", "e20"], "faces": ["new", "e20"]}
+ROUND2_ON_E20 = {
+    "e20-res288": ["--epochs", "20", "--img-size", "288"],
+    "e20-lite2-300": ["--epochs", "20", "--model", "efficientnet_lite2", "--img-size", "300"],
+    "e20-balance-loss": ["--epochs", "20", "--balance", "loss"],
+    "e20-drop-issues": ["--epochs", "20", "--drop-label-issues"],
+    "e20-avg3": ["--epochs", "20", "--average-last", "3"],
+    "e20-patience0": ["--epochs", "20", "--patience", "0"],  # every epoch of the schedule, no early stop
+}
+for _name, _flags in ROUND2_ON_E20.items():
+    recipe.CANDIDATES[f"study-{_name}"] = recipe.NEW + _flags
 
 
-def jobs(tasks=TASKS, seeds=SEEDS) -> list[tuple[str, str, int]]:
+def jobs(tasks=TASKS, seeds=SEEDS, round_: int = 1) -> list[tuple[str, str, int]]:
     """(task, candidate, seed): task by task, seed by seed, every candidate (the longer ones where they apply)."""
     out = []
+    if round_ == 2:  # the confirmation first (what a default needs), then the combinations, each against its
+        for task, cands in ROUND2_CONFIRM.items():  # reference run in the same call
+            out += [(task, c, s) for s in seeds for c in cands]
+        for task in ("elpv-fourclass", "elpv-binary"):
+            out += [(task, c, s) for s in seeds for c in ["e20", *ROUND2_ON_E20]]
+        return out
     for task in tasks:
         cands = study.candidates_for(task) + (list(study.LONGER) if task in study.LONGER_TASKS else [])
         out += [(task, c, s) for s in seeds for c in cands]
@@ -37,11 +57,11 @@ def jobs(tasks=TASKS, seeds=SEEDS) -> list[tuple[str, str, int]]:
 
 
 def run(folders: dict[str, Path], work: Path, results: Path, *, parallel: int, deadline: float, small: list[str],
-        device: str, say=print) -> list[dict]:
+        device: str, say=print, round_: int = 1) -> list[dict]:
     """Every job of `jobs()` not yet in `results`, `parallel` at a time; none starts after `deadline` seconds
     (time.monotonic), and one still running then is stopped there (its row says so)."""
     done = {(r["task"], r["candidate"], r["seed"]) for r in study.load(results) if "error" not in r}
-    todo = [j for j in jobs() if j not in done]
+    todo = [j for j in jobs(round_=round_) if j not in done]
     threads = max(1, (os.cpu_count() or 2) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     rows: list[dict] = []
