@@ -10,7 +10,8 @@ code, so every decode that must be bounded runs in a small worker process:
   worker with MemoryError (`too_many_pixels`, 413), never in the caller;
 - a worker that dies (a decoder crash, a signal) is `corrupt` with the signal named; the caller goes on;
 - each worker is replaced after `max_tasks` decodes, or at once when it holds more than RETIRE_RSS after one, so
-  memory a decoder kept (fragmented heaps) goes back to the system after a burst of large files.
+  memory a decoder kept (fragmented heaps) goes back to the system after a burst of large files; the replacement
+  starts on a thread of its own (a process start costs tens of ms, which the next caller would otherwise wait for).
 
 Workers are plain `python -c` processes that import only this package's decoding (Pillow and NumPy: some 30 MB
 resident), not the caller's program (multiprocessing's spawn would import a BentoML worker's main module, torch
@@ -25,6 +26,7 @@ pipe closes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import json
 import queue
@@ -111,9 +113,7 @@ def pack(head: dict, body: bytes) -> bytes:
 
 def unpack(msg: bytes, max_header: int = 1 << 16) -> tuple[dict, bytes]:
     n = int.from_bytes(msg[:4], "little")
-    if n > max_header or n > len(msg) - 4:
-        raise ValueError("a message of the wrong form")
-    head = json.loads(msg[4:4 + n])
+    head = json.loads(msg[4:4 + n]) if n <= min(max_header, len(msg) - 4) else None
     if not isinstance(head, dict):
         raise ValueError("a message of the wrong form")
     return head, msg[4 + n:]
@@ -163,16 +163,15 @@ class _Worker:
     def __init__(self, memory_mb: int):
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # no container malloc tuning:
-        # every allocation over 1 MB its own mapping (no dynamic threshold): a decode's memory goes back when freed
+        # not the server's malloc tuning: each allocation over 1 MB its own mapping, given back when freed
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
         env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2",
                    MALLOC_MMAP_THRESHOLD_=str(2**20))
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(to_r), str(from_w), str(int(memory_mb))],
                                      pass_fds=(to_r, from_w), env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
-        os.close(to_r)
-        os.close(from_w)
+        os.close(to_r), os.close(from_w)
         self.send, self.recv = Connection(to_w, readable=False), Connection(from_r, writable=False)
         self.tasks = 0
         try:
@@ -185,10 +184,8 @@ class _Worker:
                                f"{self.proc.returncode}): {sys.executable} -c 'import models.images' should work")
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.proc.kill()
-        except OSError:
-            pass
         self.proc.wait()
         self.close_pipes()
 
@@ -199,19 +196,16 @@ class _Worker:
 
     def close_pipes(self) -> None:
         for c in (self.send, self.recv):
-            try:
+            with contextlib.suppress(OSError):
                 c.close()
-            except OSError:
-                pass
 
 
 def _died(code: int | None) -> str:
+    name = f"exit status {code}"
     if code is not None and code < 0:
-        try:
-            return f"the decoder process died on this file ({signal.Signals(-code).name})"
-        except ValueError:
-            pass
-    return f"the decoder process died on this file (exit status {code})"
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(-code).name
+    return f"the decoder process died on this file ({name})"
 
 
 class DecodePool:
@@ -246,12 +240,23 @@ class DecodePool:
             self._slots.put(None)
             raise
 
-    def _give_back(self, w: _Worker | None) -> None:
-        """w back to the idle ones, or (None) its slot free: the worker was killed or retired."""
+    def _give_back(self, w: _Worker | None, fresh: bool = False) -> None:
+        """w back to the idle ones; None (killed or retired): a replacement is started on a thread, and fills the
+        slot when ready (or leaves it free if it cannot start)."""
         if w is not None and self._closed:
             w.retire()
             w = None
+        if w is None and not self._closed and not fresh:
+            threading.Thread(target=self._replace, daemon=True).start()
+            return
         self._slots.put(w)
+
+    def _replace(self) -> None:
+        try:
+            w: _Worker | None = _Worker(self.memory_mb)
+        except BaseException:  # noqa: BLE001 - no process now: the next caller of this slot tries again
+            w = None
+        self._give_back(w, fresh=True)
 
     def square(self, src, size: int, interpolation: str = "bicubic",
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -336,7 +341,6 @@ class DecodePool:
         for w in idle:
             if w is not None:
                 w.retire()
-        for _ in idle:
             self._slots.put(None)
 
     def __enter__(self) -> "DecodePool":

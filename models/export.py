@@ -1,10 +1,11 @@
 """Exports for people who deploy elsewhere, each checked against the torch output before it is kept.
 
 ONNX is also what the service runs on CPU (ONNX Runtime ran efficientnet_lite0 at batch 1 2.4x as fast as torch
-eager here, in a one-off measurement that is not one of BENCHMARKS.md's benchmarks), and what the torch-free CPU image runs at all. The graph has two outputs: `logits`, and `features`,
-the last feature map, from which the service draws /explain without torch (class activation mapping,
-models/explain.py). It is made by torch's current exporter (`torch.onnx.export(..., dynamo=True)`, torch.export +
-onnxscript); the TorchScript-based one is deprecated since torch 2.9.
+eager here, in a one-off measurement that is not one of BENCHMARKS.md's benchmarks), and what the torch-free CPU
+image runs at all. The graph has two outputs: `logits`, and `features`, the last feature map, from which the
+service draws /explain without torch (class activation mapping, models/explain.py). It is made by torch's current
+exporter (`torch.onnx.export(..., dynamo=True)`, torch.export + onnxscript); the TorchScript-based one is deprecated
+since torch 2.9.
 
 The export sits beside the weights as `model.onnx`; its hash, the exporter's format, the measured parity and the
 CAM head (which tensors are the linear head, or null where the head is not global-pool + linear) go into
