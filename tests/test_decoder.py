@@ -107,6 +107,21 @@ def test_a_worker_that_dies_is_a_problem_for_its_file_only():
         assert pool.square(GOOD, 32).shape == (32, 32, 3) and pool.stats["deaths"] == 1
 
 
+def test_a_retired_worker_is_replaced_before_the_next_file_asks():
+    """A worker retired after its decodes (max_tasks) is replaced on a thread of the pool's own, so the next caller
+    finds a worker waiting instead of paying a process start."""
+    other = _others()
+    with DecodePool(1, timeout=30, max_tasks=1) as pool:
+        pool.square(GOOD, 32)
+        first = {p.pid for p in _workers(other)}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not ({p.pid for p in _workers(other)} - first):
+            time.sleep(0.05)
+        fresh = {p.pid for p in _workers(other)} - first
+        assert len(fresh) == 1 and pool.stats["replaced"] == 1  # no second call was made
+        assert pool.square(GOOD, 32).shape == (32, 32, 3)
+
+
 def test_workers_end_with_the_process_that_started_them(tmp_path):
     code = ("import os, sys; from models.decoder import DecodePool; from tests.test_decoder import GOOD, _workers; "
             "p = DecodePool(2, timeout=5); p.map([(GOOD, 32, 'bicubic', 10**8)] * 4); "
