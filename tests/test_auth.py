@@ -151,3 +151,21 @@ def test_bentomls_own_client_passes_with_its_token_argument(guarded):
 
     with bentoml.SyncHTTPClient(guarded.url, token=_token(guarded.run)) as client:
         assert client.metadata()["classes"] == ["blue", "red"]
+
+
+def test_no_auth_serves_beyond_loopback_without_a_token_on_purpose(trained_run):
+    port = free_port()
+    cmd = [sys.executable, "-m", "pupil", "serve", str(trained_run), "--port", str(port), "--host", "0.0.0.0",
+           "--no-auth"]
+    with Server(cmd, port=port) as s:
+        assert httpx.post(f"{s.url}/metadata").status_code == 200
+        import psutil
+
+        listening = set()
+        for pid in s.pids():
+            try:
+                conns = psutil.Process(pid).net_connections(kind="inet")
+            except psutil.Error:
+                continue
+            listening |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+        assert ("0.0.0.0", port) in listening
