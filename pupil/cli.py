@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.0.0.0, needs a token (--token auto, $PUPIL_API_TOKEN or $PUPIL_API_TOKEN_FILE) or --no-auth")
     s.add_argument("--token", choices=["auto"], default=None,
                    help="auto: make a token (printed once, kept in the run folder's api-token, mode 0600) and "
-                        "require it as 'Authorization: Bearer TOKEN' on every route but /livez, /readyz and /metrics. "
+                        "require it as 'Authorization: Bearer TOKEN' on every route but the probes (/livez, /readyz), "
+                        "/metrics and the API docs. "
                         "A token of your own: $PUPIL_API_TOKEN, or $PUPIL_API_TOKEN_FILE (one a line, re-read when "
                         "it changes), never on the command line")
     s.add_argument("--no-auth", action="store_true",
