@@ -111,9 +111,10 @@ def test_a_retired_worker_is_replaced_before_the_next_file_asks():
     """A worker retired after its decodes (max_tasks) is replaced on a thread of the pool's own, so the next caller
     finds a worker waiting instead of paying a process start."""
     other = _others()
-    with DecodePool(1, timeout=30, max_tasks=1) as pool:
+    with DecodePool(1, timeout=30, max_tasks=2) as pool:
         pool.square(GOOD, 32)
-        first = {p.pid for p in _workers(other)}
+        first = {p.pid for p in _workers(other)}  # before it retires (a snapshot after could hold the replacement)
+        pool.square(GOOD, 32)  # its second decode: retired
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not ({p.pid for p in _workers(other)} - first):
             time.sleep(0.05)
