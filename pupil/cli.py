@@ -83,10 +83,17 @@ def bare_flags(argv: list[str]) -> list[str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr ("pupil serve: ..."; `--help` shows the usage) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.config import TrainConfig
 
-    p = argparse.ArgumentParser(prog="pupil", description="Fine-tune an ImageNet CNN on a folder of images, "
+    p = _Parser(prog="pupil", description="Fine-tune an ImageNet CNN on a folder of images, "
                                 "report honestly, serve it with BentoML.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,13 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on (default 127.0.0.1: this machine only). Any other, such as "
                         "0.0.0.0, needs a token (--token auto, $PUPIL_API_TOKEN or $PUPIL_API_TOKEN_FILE) or --no-auth")
-    s.add_argument("--token", choices=["auto"], default=None,
+    who = s.add_mutually_exclusive_group()
+    who.add_argument("--token", choices=["auto"], default=None,
                    help="auto: make a token (printed once, kept in the run folder's api-token, mode 0600) and "
                         "require it as 'Authorization: Bearer TOKEN' on every route but the probes (/livez, /readyz), "
                         "/metrics and the API docs. "
                         "A token of your own: $PUPIL_API_TOKEN, or $PUPIL_API_TOKEN_FILE (one a line, re-read when "
                         "it changes), never on the command line")
-    s.add_argument("--no-auth", action="store_true",
+    who.add_argument("--no-auth", action="store_true",
                    help="serve beyond loopback without a token (anyone who can reach the port can call the model)")
     s.add_argument("--decode-timeout", type=seconds, default=None,
                    help="seconds one upload may take to decode before it is answered 422 timeout (default "

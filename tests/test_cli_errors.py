@@ -95,12 +95,14 @@ def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["train", "d", "--epochs", "x"], ["predict"], ["nonsense"],
-                                  ["train", "d", "--flips", "sideways"], ["check", "d", "--max-pixels", "lots"]])
+                                  ["train", "d", "--flips", "sideways"], ["check", "d", "--max-pixels", "lots"],
+                                  ["serve", "d", "--token", "auto", "--no-auth"], ["serve", "d", "--token", "mine"]])
 def test_a_bad_option_is_one_line_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("pupil")
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("pupil") and "--help" in err
 
 
 def test_a_bad_value_caught_after_parsing_is_one_line_and_exit_2(shapes_dir, capsys):
