@@ -30,7 +30,7 @@ from bench.serve_load import load, payloads
 
 def flood(url: str, items: list[tuple[str, bytes]], threads: int, stop, answered) -> None:
     """In a process of its own (its client threads must not share the good client's interpreter lock): threads
-    posting uploads with a wrong token until `stop` is set; `answered` counts the 401s, `answered_other` the rest."""
+    posting uploads with a wrong token until `stop` is set; answered[0] counts the 401s, answered[1] the rest."""
     lock = threading.Lock()
 
     def run():

@@ -388,7 +388,7 @@ def study_step() -> dict:
     folders = {t: make_task(t.split("-", 1)[1], WORK / t, ELPV, suffix=".jpg") if t.startswith("elpv-")
                else ELPV.parent / t for t in tasks}
     OUT.mkdir(parents=True, exist_ok=True)
-    results = OUT / ("study-gpu.jsonl" if os.environ.get("STUDY_ROUND", "1") == "1" else "study-gpu2.jsonl")
+    results = OUT / ("study-gpu.jsonl" if round_ == 1 else "study-gpu2.jsonl")
     import torch
 
     t_end = time.monotonic() + float(os.environ.get("STUDY_SECONDS", "420"))

@@ -84,15 +84,7 @@ def run(folders: dict[str, Path], work: Path, results: Path, *, parallel: int, d
         row = {"task": task, "candidate": cand, "seed": seed, "rung": "gpu", "device": device,
                "wall_s": round(time.perf_counter() - t0, 1), "flags": recipe.CANDIDATES[f"study-{cand}"] + small,
                "finished": time.strftime("%Y-%m-%d %H:%M")}
-        if err is None:
-            m = json.loads((out / "metrics.json").read_text())
-            v = m["val"]
-            row.update(val_accuracy=v["accuracy"], val_balanced_accuracy=v["balanced_accuracy"],
-                       val_macro_f1=v["macro_f1"], val_n=v["n"], kept=m.get("kept"), flips=m.get("flips"),
-                       epochs_run=m["epochs_run"], train_images_per_s=m["train_images_per_s"],
-                       phases=m.get("phases"), **recipe.finetune_figures(m))
-        else:
-            row["error"] = err
+        row.update(recipe.run_figures(out) if err is None else {"error": err})
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         say(f"{task} {cand} s{seed}: {row.get('val_balanced_accuracy', row.get('error', '')[-120:])} "

@@ -92,9 +92,14 @@ def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None
            "flags": CANDIDATES[candidate] + (extra or []), "finished": time.strftime("%Y-%m-%d %H:%M")}
     if r.returncode != 0:
         return {**row, "error": r.stderr[-600:]}
+    return {**row, **run_figures(out)}
+
+
+def run_figures(out: Path) -> dict:
+    """A finished run's validation figures, as the study's rows keep them (its metrics.json)."""
     m = json.loads((out / "metrics.json").read_text())
     v = m["val"]
-    return {**row, "val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
+    return {"val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
             "val_macro_f1": v["macro_f1"], "val_n": v["n"], "kept": m.get("kept"), "flips": m.get("flips"),
             "epochs_run": m["epochs_run"], "train_images_per_s": m["train_images_per_s"],
             "phases": m.get("phases"), "cached_views_info": m.get("cached_views"), **finetune_figures(m)}
