@@ -14,15 +14,19 @@ CONTAINER_CERT = "/etc/ssl/certs/ca-certificates.crt"  # where Debian's ca-certi
 ENTRYPOINT = "/home/bentoml/bento/env/docker/entrypoint.sh"
 
 
+def run_image(ctr: str, port: int, env: dict[str, str]) -> list[str]:
+    """`buildah run` of the image's entrypoint on `port` (every interface inside) with these variables."""
+    extra = [a for k, v in {"PORT": str(port), **env}.items() for a in ("-e", f"{k}={v}")]
+    return buildah("run", "--isolation", "chroot", *extra, ctr, "--", ENTRYPOINT)
+
+
 def serve_image(ctr: str, port: int, token: str | None = None, env: dict[str, str] | None = None) -> list[str]:
-    """`buildah run` of the image's entrypoint on `port` (every interface inside) with a token (default: the
-    caller's $PUPIL_API_TOKEN, made for this run if unset): without one the image refuses to start."""
+    """run_image with a token (default: the caller's $PUPIL_API_TOKEN, made for this run if unset): without one the
+    image refuses to start."""
     import secrets
 
     token = token or os.environ.setdefault("PUPIL_API_TOKEN", secrets.token_urlsafe(32))
-    extra = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
-    return buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", "-e", f"PUPIL_API_TOKEN={token}", *extra,
-                   ctr, "--", ENTRYPOINT)
+    return run_image(ctr, port, {"PUPIL_API_TOKEN": token, **(env or {})})
 
 
 def say(msg: str) -> None:

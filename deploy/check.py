@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .buildah import ENTRYPOINT, WORK, buildah, image_exists, image_size, require_tools, say, serve_image
+from .buildah import ENTRYPOINT, WORK, buildah, image_exists, image_size, require_tools, run_image, say, serve_image
 
 CPU_SIZE_LIMIT_MB = 1000
 
@@ -123,9 +123,7 @@ def refuses_without_token(ctr: str, port: int) -> str | None:
     how to give one; a problem, or None."""
     say(f"buildah run --isolation chroot {ctr} -- {ENTRYPOINT}   (no token: it must refuse to start)")
     try:
-        env = [a for k, v in READ_ONLY_ENV.items() for a in ("-e", f"{k}={v}")]
-        r = subprocess.run(buildah("run", "--isolation", "chroot", "-e", f"PORT={port}", *env, ctr, "--", ENTRYPOINT),
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(run_image(ctr, port, READ_ONLY_ENV), capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         return "the image, started with no token, was still running after 120 s"
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "PUPIL_API_TOKEN" in ln]

@@ -222,8 +222,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"pupil serve: token {token}  (send it as 'Authorization: Bearer TOKEN'; kept in {path}, mode 0600)"
               if made else f"pupil serve: the token in {path} is required (Authorization: Bearer TOKEN)",
               file=sys.stderr)
-    if (problem := startup_problem({**os.environ, **env})) is not None:
-        if not Tokens({**os.environ, **env}).configured and not loopback(args.host):
+    full = {**os.environ, **env}
+    if (problem := startup_problem(full)) is not None:
+        if not Tokens(full).configured and not loopback(args.host):
             problem = (f"--host {args.host} listens beyond this machine, and no token is set: add --token auto (or "
                        "set PUPIL_API_TOKEN or PUPIL_API_TOKEN_FILE), or --no-auth to serve without one")
         print(f"pupil serve: {problem}", file=sys.stderr)  # that, or an unreadable or empty token file

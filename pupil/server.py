@@ -25,11 +25,12 @@ from pathlib import Path
 def auth_headers(env=os.environ) -> dict[str, str]:
     """The header a client of a pupil service sends: the token in $PUPIL_API_TOKEN, else the first in
     $PUPIL_API_TOKEN_FILE (service/auth.py), else none (a service on loopback with no token asks for none)."""
+    from service.auth import tokens_in
+
     token = env.get("PUPIL_API_TOKEN", "").strip()
     if not token and env.get("PUPIL_API_TOKEN_FILE"):
         try:
-            lines = Path(env["PUPIL_API_TOKEN_FILE"]).read_text().splitlines()
-            token = next((t for line in lines if (t := line.strip()) and not t.startswith("#")), "")
+            token = next(iter(tokens_in(Path(env["PUPIL_API_TOKEN_FILE"]).read_text())), "")
         except OSError:
             pass
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -127,6 +128,19 @@ class Server:
             raise type(e)(f"{e}; its output ends:\n{tail}") from None
         self.ready_seconds = time.perf_counter() - t0
         return self
+
+    def listening(self) -> set[tuple[str, int]]:
+        """(address, port) of every socket the server's processes listen on, read from the processes themselves."""
+        import psutil
+
+        out = set()
+        for pid in self.pids():
+            try:
+                conns = psutil.Process(pid).net_connections(kind="inet")
+            except psutil.Error:
+                continue
+            out |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+        return out
 
     def output(self) -> str:
         try:

@@ -44,6 +44,11 @@ def loopback(host: str) -> bool:
         return False
 
 
+def tokens_in(text: str) -> list[str]:
+    """A token file's tokens: one a line, blank lines and '#' comments skipped (the one reader of that format)."""
+    return [t for line in text.splitlines() if (t := line.strip()) and not t.startswith("#")]
+
+
 def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
@@ -65,8 +70,7 @@ class Tokens:
 
     def read_file(self) -> list[str]:
         """The file's tokens (raises OSError when it cannot be read)."""
-        text = self.file.read_text(encoding="utf-8", errors="replace")  # type: ignore[union-attr]
-        return [t for line in text.splitlines() if (t := line.strip()) and not t.startswith("#")]
+        return tokens_in(self.file.read_text(encoding="utf-8", errors="replace"))  # type: ignore[union-attr]
 
     def digests(self) -> list[bytes]:
         out = [_digest(self.single.encode())] if self.single else []
@@ -181,7 +185,7 @@ def token_file(path: Path) -> tuple[str, bool]:
     import secrets
 
     try:
-        old = [t for line in path.read_text().splitlines() if (t := line.strip()) and not t.startswith("#")]
+        old = tokens_in(path.read_text())
         if old:
             return old[0], False
     except FileNotFoundError:

@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import httpx
-import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE = ("pupil", "models", "training", "service", "deploy", "bench")
@@ -80,13 +79,7 @@ def test_no_code_can_unpickle():
 def test_the_service_listens_on_loopback_only_by_default(server):
     """`pupil serve` binds 127.0.0.1 unless told otherwise (beyond it, a token: tests/test_auth.py): read from the
     running server's own sockets."""
-    listening = set()
-    for pid in server.pids():
-        try:
-            conns = psutil.Process(pid).net_connections(kind="inet")
-        except psutil.Error:
-            continue
-        listening |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    listening = server.listening()
     assert ("127.0.0.1", server.port) in listening and ("0.0.0.0", server.port) not in listening, listening
     from pupil.cli import build_parser
 
