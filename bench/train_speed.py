@@ -19,9 +19,12 @@ fixed at process start); its torch uses both cores.
   pupil train (before) the product with the previous default's precision and layers (--amp off --freeze-stages 0;
                        its crop, evaluation crop and rates are today's), the loop of the "+ frozen BN stats" row with
                        its bookkeeping (--stages finetune)
-  pupil train          the product with today's defaults (bf16 on this CPU, --freeze-stages as the default says)
+  pupil train (whole bf16)  today's defaults with --amp bf16: the whole model steps under bf16 autocast, as
+                       `--amp auto` did on this CPU before the split precision (training.views.split_precision)
+  pupil train          the product with today's defaults (on this CPU: the frozen stem and stages under bf16
+                       autocast, the layers that learn in fp32; --freeze-stages as the default says)
 
-    python -m bench.train_speed [--per-class 160] [--img-size 224]
+    python -m bench.train_speed [--per-class 160] [--img-size 224] [--only "pupil train (whole bf16),pupil train"]
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ VARIANTS = {  # name: (allocator, cache, channels_last, frozen BN, bf16, frozen 
     "+ bf16 autocast": (True, True, True, True, True, 0),
     "+ 2 stages frozen": (True, True, True, True, True, 2),
 }
-PUPIL = {"pupil train (before)": {"amp": "off", "freeze_stages": 0}, "pupil train": {}}
+PUPIL = {"pupil train (before)": {"amp": "off", "freeze_stages": 0}, "pupil train (whole bf16)": {"amp": "bf16"},
+         "pupil train": {}}
 EPOCHS = 4
 
 
@@ -156,6 +160,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=160)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--role")
+    ap.add_argument("--only", default="", help="comma-separated rows to run (default: every row)")
     args = ap.parse_args()
     if args.role:
         data, train = files(args)
@@ -165,7 +170,11 @@ def main() -> None:
         return
     header(f"training epoch speed: efficientnet_lite0, {args.img_size}px, batch 32, the same 320 ELPV images")
     results = {}
-    for name in [*VARIANTS, *PUPIL]:
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(only) - set(VARIANTS) - set(PUPIL)
+    if unknown:
+        ap.error(f"--only: no row named {sorted(unknown)}")
+    for name in only or [*VARIANTS, *PUPIL]:
         alloc = name in PUPIL or VARIANTS[name][0]
         env = {**os.environ, **ALLOC} if alloc else {k: v for k, v in os.environ.items() if k not in ALLOC}
         cmd = [sys.executable, "-m", "bench.train_speed", "--per-class", str(args.per_class), "--img-size",
@@ -175,9 +184,10 @@ def main() -> None:
             sys.exit(r.stderr[-3000:])
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(row(name, results[name], "img/s", 22), flush=True)
-    print(ratio("pupil train / plain loop", results["pupil train"], results["plain"]))
-    print(ratio("pupil train / pupil train (before)", results["pupil train"], results["pupil train (before)"]))
-    names = list(VARIANTS)
+    for other in ("plain", "pupil train (before)", "pupil train (whole bf16)"):
+        if "pupil train" in results and other in results:
+            print(ratio(f"pupil train / {other}", results["pupil train"], results[other]))
+    names = [n for n in VARIANTS if n in results]
     for before, after in zip(names, names[1:]):
         print(ratio(f"  {after} (over the row above)", results[after], results[before]))
 

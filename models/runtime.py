@@ -73,7 +73,9 @@ def amp_dtype(device, mode: str = "auto", training: bool = False):
     img/s, batch 64, one micro-measurement: the probe's features and each epoch's validation), training steps 0.86x
     with every layer learning (BENCHMARKS.md, Training speed with bf16 and frozen stages); with the stem and 2
     stages frozen (the default) the bundle of both is 1.18x the fp32 all-layers step there, though the trainable
-    tail alone steps slower in bf16 (0.89 against 0.72 s: training.views.tail_precision, which keeps it fp32).
+    tail alone steps slower in bf16 (0.89 against 0.72 s), so under auto the layers that learn step in fp32 and only
+    the frozen ones run in bf16 (training.views.tail_precision and split_precision: 1.22-1.50x the whole step in
+    bf16, BENCHMARKS.md, training speed).
     Training's final calibration and test run in fp32 (training.finish)."""
     import torch
 

@@ -165,3 +165,59 @@ def test_a_full_disk_takes_the_ordinary_path_and_leaves_nothing(tmp_path, capfd,
     err = capfd.readouterr().err
     assert "could not write" in err and "No space left on device" in err and "Traceback" not in err
     assert not list((cache / "views").iterdir())
+
+
+def _setup(amp_flag: str, amp, world: int = 1):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(cfg=TrainConfig(amp=amp_flag, freeze_stages=2), device=torch.device("cpu"), amp=amp,
+                           dist=SimpleNamespace(world=world))
+
+
+def test_split_precision_runs_the_trunk_under_autocast_and_trains_the_tail_in_fp32():
+    from models import create_model
+    from training.prepare import freeze_early
+    from training.views import split_precision
+
+    model, _ = create_model("efficientnet_lite0", 3, "auto", img_size=64)
+    freeze_early(model, 2)
+    model.eval()
+    seen: dict[str, torch.dtype] = {}
+    model.blocks[1].register_forward_hook(lambda m, i, o: seen.__setitem__("trunk", o.dtype))
+    model.blocks[2].register_forward_hook(lambda m, i, o: seen.__setitem__("tail", o.dtype))
+    split = split_precision(model, _setup("auto", torch.bfloat16))
+    x = torch.randn(4, 3, 64, 64)
+    out = split(x)
+    assert seen == {"trunk": torch.bfloat16, "tail": torch.float32} and out.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), model(x), atol=0.1, rtol=0.05)  # the same model, the trunk in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    assert seen["tail"] == torch.bfloat16  # what the whole model's step under autocast does instead
+    out.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None for n, g in grads.items() if n.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")))
+    assert all(g is not None and g.dtype == torch.float32 for n, g in grads.items() if n.startswith("blocks.2."))
+    # where the whole model keeps the run's precision: an explicit --amp bf16, fp32, DDP, nothing frozen
+    assert split_precision(model, _setup("bf16", torch.bfloat16)) is None
+    assert split_precision(model, _setup("auto", None)) is None
+    assert split_precision(model, _setup("auto", torch.bfloat16, world=2)) is None
+    fresh, _ = create_model("efficientnet_lite0", 3, "auto", img_size=64)
+    assert split_precision(fresh, _setup("auto", torch.bfloat16)) is None
+
+
+def test_a_default_cpu_fine_tune_steps_through_the_split_where_bf16_is_native(tmp_path, capfd, monkeypatch):
+    from models.runtime import cpu_has_bf16
+    from training.views import SplitPrecision
+
+    calls = []
+    forward = SplitPrecision.forward
+    monkeypatch.setattr(SplitPrecision, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
+    data = make_shapes_folder(tmp_path / "data", n=12)
+    r = fit(TrainConfig(data=str(data), epochs=2, out=str(tmp_path / "r"), **LITE))
+    split = cpu_has_bf16()  # --amp auto: bf16 for the frozen trunk only where the CPU has it
+    assert ("the layers that learn in fp32" in capfd.readouterr().err) == split
+    assert bool(calls) == split and all(n <= 8 for n in calls)  # every training step, and only those (batch 8)
+    rep = r.metrics["reproducibility"]
+    assert rep["amp"] == ("bfloat16" if split else "fp32") and rep["amp_learning"] == "fp32"
+    assert r.metrics["val"]["accuracy"] > 0.7  # it learns (chance 0.5)

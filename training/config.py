@@ -125,9 +125,10 @@ class TrainConfig:
                                "(logit adjustment after training: the classes' log-priors subtracted, scaled by a "
                                "factor chosen on validation for macro-F1) | sampler (class-balanced sampling) | "
                                "loss (class-weighted) | none", choices=("auto", "posthoc", "sampler", "loss", "none"))
-    amp: str = opt("auto", "auto (bf16/fp16 on CUDA; on a CPU with bf16 instructions bf16 for the training steps, "
-                           "the probe's features and each epoch's validation, fp32 for the final calibration and test, "
-                           "as served) | off | bf16 | fp16",
+    amp: str = opt("auto", "auto (bf16/fp16 on CUDA; on a CPU with bf16 instructions bf16 for the frozen layers of "
+                           "each training step (the layers that learn in fp32, faster there), the probe's features and "
+                           "each epoch's validation, fp32 for the final calibration and test, as served) | off | bf16 "
+                           "(the whole step) | fp16",
                    choices=("auto", "off", "bf16", "fp16"))
     freeze_bn: bool = opt(True, "pretrained models: keep BatchNorm running statistics fixed while fine-tuning")
     compile: bool = opt(False, "torch.compile the model. Off by default, as measured (BENCHMARKS.md): on an H200, "

@@ -200,6 +200,9 @@ def _reproducibility(cfg: TrainConfig, setup: TrainSetup, train_amp) -> dict[str
         "device": str(setup.device),
         "processes": setup.dist.world,
         "amp": amp_name(train_amp),
+        # the layers that learn: fp32 where the trunk's autocast stops at the frozen layers (training.views)
+        "amp_learning": amp_name(setup.views.tail_amp if setup.views is not None
+                                 else None if setup.split is not None else train_amp),
         "amp_final": amp_name(setup.amp),  # calibration, test and the artifact's metrics
         "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,

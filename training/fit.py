@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from models.runtime import same_random_streams
+from models.runtime import amp_name, same_random_streams
 
 from .budget import fit_time_limit, rerun_smaller
 from .config import TrainConfig
@@ -42,7 +42,7 @@ from .select import choose_kept, score_of
 from .state import TrainState, load_checkpoint, save_checkpoint
 from .tuning import lr_range_test, plot_lr_find
 from .views import build as build_views
-from .views import evaluate_cached, why_not
+from .views import evaluate_cached, split_precision, why_not
 
 
 # ------------------------------------------------------------------------------------------------------ the recipe
@@ -95,6 +95,8 @@ def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
         if cfg.cached_views:
             setup.views = cached_views(prep, setup)
             phases["views_s"] = time.perf_counter() - t_start - sum(phases.values())
+        if setup.views is None:
+            setup.split = split_forward(prep.model, setup)
         with stop_signals() as stopped:
             train_epochs(state, prep, setup, ckpt_path, t_start, stopped)
     phases["finetune_s"] = time.perf_counter() - t_start - sum(phases.values())
@@ -146,6 +148,15 @@ def average_last(state: TrainState, prep: Prepared, setup: TrainSetup) -> dict[s
     log(f"averaged the weights of epochs {state.avg_epochs[0]}-{state.avg_epochs[-1]}"
         + (f": validation loss {row['val_loss']:.4f}  accuracy {row['val_acc']:.3f}" if row else ""))
     return {"epochs": state.avg_epochs, **row}
+
+
+def split_forward(model: torch.nn.Module, setup: TrainSetup):
+    """The ordinary path's split precision (training.views.split_precision), said in the log where it applies."""
+    split = split_precision(model, setup)
+    if split is not None:
+        log(f"precision: the frozen stem and {setup.cfg.freeze_stages} stages under {amp_name(setup.amp)} autocast, "
+            "the layers that learn in fp32 (faster on this CPU: --amp auto)")
+    return split
 
 
 def cached_views(prep: Prepared, setup: TrainSetup):

@@ -41,6 +41,7 @@ class TrainSetup:
     balance: str = "none"  # the imbalance remedy in use (--balance, auto resolved)
     targets: torch.Tensor | None = None  # per class, the soft target of --ordinal (smoothed_targets), or None
     views: Any = None  # training.views.CachedViews: the frozen trunk's activations (--cached-views), or None
+    split: Any = None  # training.views.SplitPrecision: the ordinary path's trunk/tail forward, or None (whole model)
 
     @property
     def score_key(self) -> str:
@@ -182,6 +183,8 @@ def train_one_epoch(state, data: ImageSet, setup: TrainSetup, stop=None) -> dict
             x, y = training_batch(data, idx[dist.rank::dist.world], setup.spec, device, setup.policy, state.aug_gen,
                                   cfg.crop_scale, cfg.flips, cfg.crop)
             net = state.net
+            if setup.split is not None:  # the frozen trunk under autocast, the tail at its own precision (fp32)
+                net, amp = setup.split, None
         x, y2, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, state.aug_gen)
         with autocast(device, amp):
             logits = net(x)

@@ -212,12 +212,40 @@ def build(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup, views: 
 
 
 def tail_precision(setup) -> torch.dtype | None:
-    """The tail trains in fp32 on a CPU, under the run's autocast elsewhere. Measured on the 2-core AVX512-BF16 EPYC
-    (efficientnet_lite0, 224 px, batch 32, one step of the tail from cached activations, median of 6): 0.72 s in
-    fp32 against 0.89 s under bf16 autocast with 2 stages frozen, 0.50 s against 0.69 s with 4. bf16 pays for the
-    trunk's forward pass (computed once, stored in bf16) and for validation, not for a training step's backward
-    here: what `--amp auto` measured for the whole model too (BENCHMARKS.md, training speed)."""
-    return None if setup.device.type == "cpu" else setup.amp
+    """The tail's training precision: fp32 on a CPU under `--amp auto`, the run's autocast otherwise (an explicit
+    `--amp bf16` is kept whole). Measured on the 2-core AVX512-BF16 EPYC (efficientnet_lite0, 224 px, batch 32, one
+    step of the tail from cached activations, median of 6): 0.72 s in fp32 against 0.89 s under bf16 autocast with
+    2 stages frozen, 0.50 s against 0.69 s with 4. bf16 pays for the trunk's forward pass (no backward through it)
+    and for validation, not for a training step's backward here: what `--amp auto` measured for the whole model too
+    (BENCHMARKS.md, training speed)."""
+    return None if setup.device.type == "cpu" and setup.cfg.amp == "auto" else setup.amp
+
+
+class SplitPrecision(torch.nn.Module):
+    """The ordinary path's forward where the tail trains at another precision than the frozen trunk runs at
+    (tail_precision): the trunk under the run's autocast and without a graph (nothing in it learns), its output cast
+    to fp32, the tail in fp32. The same modules in the same modes as the whole model's forward; only the precision
+    of the part that learns differs."""
+
+    def __init__(self, model: torch.nn.Module, trunk, k: int, device: torch.device, amp: torch.dtype):
+        super().__init__()
+        self.tail, self.trunk, self.device, self.amp = Tail(model, k), trunk, device, amp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(self.device, self.amp):
+            h = self.trunk(x)
+        return self.tail(h.float())
+
+
+def split_precision(model: torch.nn.Module, setup) -> SplitPrecision | None:
+    """The split forward for the ordinary path where the tail's precision differs from the run's (a CPU under
+    `--amp auto`) and the model has a wholly frozen trunk; None otherwise (a GPU, `--amp off` or an explicit dtype,
+    no frozen stages, DDP, --compile: the whole model steps under the run's autocast)."""
+    cfg = setup.cfg
+    if setup.amp is None or tail_precision(setup) == setup.amp or setup.dist.world > 1 or cfg.compile:
+        return None
+    trunk = trunk_of(model, cfg.freeze_stages) if not cfg.from_scratch else None
+    return SplitPrecision(model, trunk, cfg.freeze_stages, setup.device, setup.amp) if trunk is not None else None
 
 
 def view_key(model, train: ImageSet, setup, k: int, views: int, dtype: torch.dtype) -> str:
