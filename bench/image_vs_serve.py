@@ -3,10 +3,12 @@
 Both sides serve the same artifact's ONNX model on ONNX Runtime (the CPU image has no torch; `pupil serve` picks
 ONNX Runtime on a CPU too), with the same allocator settings (the image's bentofile envs are `pupil serve`'s
 ALLOCATOR_ENV) and their defaults for threads; the image runs under `buildah run --isolation chroot` (no cgroup
-limits), `pupil serve` from this checkout's .venv. Requests: bench.serve_load's mix of real photo sizes made from
-ELPV cells (300x300 PNG to 12 MP JPEG) on /classify. Each repeat starts each side afresh, one after the other (the
-order alternates), warms it up, then sends --count requests at --concurrency in flight. 3 repeats: min, median,
-max of requests per second; the headline is the ratio of medians (image / serve; goal >= 1.0).
+limits) on its own Python (Debian's 3.11), `pupil serve` from this checkout's .venv. Requests: bench.serve_load's
+mix of real photo sizes made from ELPV cells (300x300 PNG to 12 MP JPEG) on /classify. Each repeat starts each side
+afresh, one after the other (the order alternates) once the machine is idle again (settle), warms it up, then sends
+--count requests at --concurrency in flight. 3 repeats: min, median, max of requests per second; the headline is
+the ratio of medians (image / serve; goal >= 1.0), and each repeat's pair gives a paired ratio (mean ± standard
+error over the repeats).
 
     python -m bench.image_vs_serve [--artifact runs/demo] [--count 200] [--concurrency 8] [--repeats 3]
 """
@@ -36,6 +38,20 @@ def start(side: str, artifact: str):
     return Server.for_artifact(artifact, port=port, timeout=300).start(), None
 
 
+def settle(limit_s: float = 30.0, idle_pct: float = 10.0) -> float:
+    """Wait until the machine is idle (under idle_pct of its CPUs over a second), at most limit_s: the side that
+    stopped last is still exiting (its workers, `buildah rm`) when the next one starts, and the first version of
+    this benchmark favoured whichever side came second in a repeat. Returns the seconds waited."""
+    import time
+
+    import psutil
+
+    t0 = time.perf_counter()
+    while psutil.cpu_percent(interval=1.0) > idle_pct and time.perf_counter() - t0 < limit_s:
+        pass
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", default="runs/demo")
@@ -55,6 +71,7 @@ def main() -> None:
     lat: dict[str, list[float]] = {"image": [], "serve": []}
     for r in range(args.repeats):
         for side in (("image", "serve") if r % 2 == 0 else ("serve", "image")):
+            settle()
             server, ctr = start(side, args.artifact)
             try:
                 out = load(f"{server.url}/classify", items, args.count, args.concurrency)
@@ -72,6 +89,11 @@ def main() -> None:
         print(row(f"{side} ({args.count} requests, {args.concurrency} in flight)", rps[side], "req/s", 44)
               + f"   p50 {1000 * q[49]:.0f} ms, p99 {1000 * q[98]:.0f} ms")
     print(ratio("image / pupil serve, requests per second", rps["image"], rps["serve"]))
+    pairs = [i / s for i, s in zip(rps["image"], rps["serve"])]  # each repeat's two sides, run back to back
+    if len(pairs) > 1:
+        mean, sd = statistics.mean(pairs), statistics.stdev(pairs)
+        print(f"paired (image / serve within each repeat): {' '.join(f'{p:.2f}' for p in pairs)}; "
+              f"mean {mean:.3f} ± {sd / len(pairs) ** 0.5:.3f} (se)")
 
 
 if __name__ == "__main__":
