@@ -212,31 +212,41 @@ def serve_env(tag: str, decode_timeout: float | None = None) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.auth import Tokens, loopback, startup_problem, token_file
+    from service.auth import token_file
 
     env = {"PUPIL_BIND": args.host, **({"PUPIL_AUTH": "off"} if args.no_auth else {})}
-    if args.token == "auto":  # made once, kept beside the run (mode 0600), printed only when made
-        path = token_home(args.artifact)
+    if args.token != "auto" and _serve_refused(args, {**os.environ, **env}):  # before importing anything
+        return 2
+    tag = store_tag("serve", args.artifact)
+    if tag is None:
+        return 2
+    if args.token == "auto":  # made once, kept beside the run (mode 0600), printed only when made; only for a model
+        path = token_home(args.artifact)  # that imported, so a mistyped path leaves no token behind
         token, made = token_file(path)
         env["PUPIL_API_TOKEN_FILE"] = str(path.resolve())
         print(f"pupil serve: token {token}  (send it as 'Authorization: Bearer TOKEN'; kept in {path}, mode 0600)"
               if made else f"pupil serve: the token in {path} is required (Authorization: Bearer TOKEN)",
               file=sys.stderr)
-    full = {**os.environ, **env}
-    if (problem := startup_problem(full)) is not None:
-        if not Tokens(full).configured and not loopback(args.host):
-            problem = (f"--host {args.host} listens beyond this machine, and no token is set: add --token auto (or "
-                       "set PUPIL_API_TOKEN or PUPIL_API_TOKEN_FILE), or --no-auth to serve without one")
-        print(f"pupil serve: {problem}", file=sys.stderr)  # that, or an unreadable or empty token file
-        return 2
-    tag = store_tag("serve", args.artifact)
-    if tag is None:
-        return 2
+        if _serve_refused(args, {**os.environ, **env}):
+            return 2
     print(f"pupil serve: model {tag} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
            "--host", args.host, "--port", str(args.port)]
     os.execve(sys.executable, cmd, {**serve_env(tag, args.decode_timeout), **env})
     return 0  # not reached
+
+
+def _serve_refused(args: argparse.Namespace, env: dict[str, str]) -> bool:
+    """Says (one line) why the service would refuse to start with this environment: True when it would."""
+    from service.auth import Tokens, loopback, startup_problem
+
+    if (problem := startup_problem(env)) is None:
+        return False
+    if not Tokens(env).configured and not loopback(args.host):
+        problem = (f"--host {args.host} listens beyond this machine, and no token is set: add --token auto (or "
+                   "set PUPIL_API_TOKEN or PUPIL_API_TOKEN_FILE), or --no-auth to serve without one")
+    print(f"pupil serve: {problem}", file=sys.stderr)  # that, or an unreadable or empty token file
+    return True
 
 
 def token_home(target: str) -> Path:

@@ -66,6 +66,14 @@ def test_a_missing_artifact_is_one_line_and_exit_2(cmd, tmp_path, capsys, shapes
     one_line_error(err, "no-such-run")
 
 
+def test_serve_token_auto_on_a_missing_artifact_leaves_no_token_behind(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PUPIL_CACHE", str(tmp_path / "cache"))
+    code, err = run(["serve", str(tmp_path / "no-such-run"), "--token", "auto"], capsys)
+    assert code == 2
+    one_line_error(err, "no-such-run")  # and no token printed for it
+    assert not list((tmp_path / "cache").rglob("*.token")) and not (tmp_path / "no-such-run").exists()
+
+
 @pytest.mark.parametrize("kind", ["config", "weights", "other_model"])
 @pytest.mark.parametrize("cmd", [c for c in ARTIFACT_COMMANDS if c[0] in ("predict", "evaluate", "export", "serve")],
                          ids=lambda c: c[0])
