@@ -4,7 +4,7 @@ The Python API, for a notebook (the `pupil` command does the same from a shell):
 
     import pupil
 
-    run = pupil.train("photos/", epochs=10, out="runs/mine")   # any TrainConfig field as a keyword
+    run = pupil.train("photos/", seed=1, out="runs/mine")   # any TrainConfig field as a keyword
     run.metrics["val"]["accuracy"], run.metrics["test"]        # test: only when photos/ has a test/ split
     model = pupil.load(run)                                     # a Predictor
     model.predict(["a.jpg", "b.png"])                           # [{"predictions": [...], "abstained": ...}, ...]
