@@ -38,10 +38,10 @@ def start(side: str, artifact: str):
     return Server.for_artifact(artifact, port=port, timeout=300).start(), None
 
 
-def settle(limit_s: float = 30.0, idle_pct: float = 10.0) -> float:
+def settle(limit_s: float = 30.0, idle_pct: float = 10.0) -> None:
     """Wait until the machine is idle (under idle_pct of its CPUs over a second), at most limit_s: the side that
     stopped last is still exiting (its workers, `buildah rm`) when the next one starts, and the first version of
-    this benchmark favoured whichever side came second in a repeat. Returns the seconds waited."""
+    this benchmark favoured whichever side came second in a repeat."""
     import time
 
     import psutil
@@ -49,7 +49,6 @@ def settle(limit_s: float = 30.0, idle_pct: float = 10.0) -> float:
     t0 = time.perf_counter()
     while psutil.cpu_percent(interval=1.0) > idle_pct and time.perf_counter() - t0 < limit_s:
         pass
-    return time.perf_counter() - t0
 
 
 def main() -> None:

@@ -244,7 +244,7 @@ def split_precision(model: torch.nn.Module, setup) -> SplitPrecision | None:
     cfg = setup.cfg
     if setup.amp is None or tail_precision(setup) == setup.amp or setup.dist.world > 1 or cfg.compile:
         return None
-    trunk = trunk_of(model, cfg.freeze_stages) if not cfg.from_scratch else None
+    trunk = trunk_of(model, cfg.freeze_stages)  # None where nothing is frozen (a model from scratch never is)
     return SplitPrecision(model, trunk, cfg.freeze_stages, setup.device, setup.amp) if trunk is not None else None
 
 
