@@ -153,3 +153,41 @@ def test_decode_cache_is_reused(shapes_dir, tmp_path):
     second = DecodeCache.build(shapes_dir, m.usable(), 36, cache_dir=tmp_path, workers=1)
     assert first.decoded == 48 and second.decoded == 0
     assert (second.images[: len(first.index)] == first.images[: len(first.index)]).all()
+
+
+def test_the_decode_cache_keeps_under_its_limit_and_drops_the_least_recently_used_first(shapes_dir, tmp_path):
+    import time
+
+    from training.cache import DecodeCache
+
+    m = split_manifest(scan(shapes_dir), 0.2, 0)
+    one = 48 * 36 * 36 * 3 / 2**30  # GB of one data set at 36 px
+    a = DecodeCache.build(shapes_dir, m.usable(), 36, cache_dir=tmp_path, workers=1, limit_gb=2 * one)
+    time.sleep(0.05)
+    b = DecodeCache.build(shapes_dir, m.usable()[:40], 36, cache_dir=tmp_path, workers=1, limit_gb=2 * one)
+    time.sleep(0.05)
+    assert DecodeCache.build(shapes_dir, m.usable(), 36, cache_dir=tmp_path, workers=1, limit_gb=2 * one).decoded == 0
+    time.sleep(0.05)  # `a` was used last: a third data set that needs room takes `b`'s place, not `a`'s
+    c = DecodeCache.build(shapes_dir, m.usable()[:30], 36, cache_dir=tmp_path, workers=1, limit_gb=2 * one)
+    assert a.path.is_file() and c.path.is_file() and not b.path.exists()
+    assert not b.path.with_suffix(".json").exists()
+    assert sum(p.stat().st_size for p in (tmp_path / "decoded").glob("*.u8")) <= 2 * one * 2**30
+
+
+def test_a_full_disk_keeps_the_decoded_images_in_memory_and_leaves_no_file(shapes_dir, tmp_path, monkeypatch):
+    import errno
+
+    from training.cache import DecodeCache
+
+    m = split_manifest(scan(shapes_dir), 0.2, 0)
+    good = DecodeCache.build(shapes_dir, m.usable(), 36, cache_dir=tmp_path / "ok", workers=1)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 0})())
+    mem = DecodeCache.build(shapes_dir, m.usable(), 36, cache_dir=tmp_path / "full", workers=1)
+    assert mem.path is None and "No space left on device" in mem.note and mem.decoded == 48
+    assert mem.index == good.index and (mem.images[:48] == good.images[:48]).all()
+    assert not list((tmp_path / "full" / "decoded").iterdir())

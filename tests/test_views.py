@@ -87,7 +87,7 @@ def test_validation_from_cached_activations_equals_the_ordinary_evaluation(tmp_p
 
 
 def test_the_views_folder_stays_under_its_bound(tmp_path, capfd):
-    from training.views import make_room
+    from training.cache import make_room
 
     data = make_shapes_folder(tmp_path / "data", n=16)
     cache = tmp_path / "cache"
@@ -110,7 +110,7 @@ def test_the_views_folder_stays_under_its_bound(tmp_path, capfd):
                         cache_dir=str(cache), out=str(tmp_path / "r3"), **LITE))
     assert r.metrics["cached_views"] is None
     assert "recomputed every step" in capfd.readouterr().err
-    make_room(cache / "views", 0, 1e-12)
+    make_room(cache / "views", ".bin", 0, 1e-12)
     assert not list((cache / "views").glob("*.bin"))
 
 

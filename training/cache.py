@@ -3,9 +3,11 @@ keyed by the files' contents; and the decoding of many files on worker processes
 find truncated and corrupt pixel data)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +22,33 @@ from .distributed import live_bars
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PUPIL_CACHE", Path.home() / ".cache" / "pupil"))
+
+
+def make_room(folder: Path, suffix: str, need: int, limit_gb: float, keep: Path | None = None) -> None:
+    """Delete the least recently used `*suffix` files of `folder` (and the .json beside each; never `keep`, the one in
+    use) until `need` more bytes fit under `limit_gb`. A file that is used is touched (os.utime), so its mtime is its
+    last use."""
+    files = sorted((p for p in folder.glob(f"*{suffix}") if p != keep), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in folder.glob(f"*{suffix}"))
+    while files and total + need > limit_gb * 2**30:
+        old = files.pop(0)
+        total -= old.stat().st_size
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` allocated on disk now. A memory-mapped file that is only sparse gets its blocks
+    when it is written, and a full disk then kills the process with SIGBUS in the middle of the writing; allocated up
+    front, a full disk is an OSError (ENOSPC) here, before any work, which the caller turns into a run without the
+    file."""
+    with open(path, "wb") as f:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        else:  # no fallocate (macOS): at least refuse what the free space says cannot fit
+            if shutil.disk_usage(path.parent).free < nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.truncate(nbytes)
 
 
 def decode_one(args: tuple[str, int, str, int]) -> tuple[np.ndarray | None, str | None, str | None]:
@@ -38,7 +67,8 @@ class DecodeCache:
     index: dict[str, int]  # sha256 -> row
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # sha256 -> (problem, detail)
     decoded: int = 0
-    path: Path | None = None
+    path: Path | None = None  # None: the images are in memory only (the cache folder could not take them)
+    note: str = ""  # why they are not on disk
 
     @classmethod
     def build(
@@ -53,6 +83,7 @@ class DecodeCache:
         workers: int | None = None,
         progress: bool = False,
         decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        limit_gb: float = 8.0,
     ) -> "DecodeCache":
         root = Path(root)
         uniq: dict = {}  # sha256 -> the first record with that content
@@ -71,6 +102,7 @@ class DecodeCache:
                 # a file that ran out of time may decode now (a later --decode-timeout, a quieter machine): a
                 # cache that lists one is rebuilt, never trusted to skip it for good
                 if not any(problem == "timeout" for problem, _ in failed.values()):
+                    os.utime(data_path)  # recently used: the last to go when the folder makes room
                     return cls(images, {k: int(v) for k, v in meta["index"].items()}, failed, 0, data_path)
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache is rebuilt, never trusted
@@ -87,17 +119,29 @@ class DecodeCache:
                 index[h] = len(arrays)
                 arrays.append(arr)
         n = len(arrays)
+        shape = (max(n, 1), size, size, 3)
+        make_room(cache_dir, ".u8", int(np.prod(shape)), limit_gb)
         tmp_data = data_path.with_name(data_path.name + f".{os.getpid()}.tmp")
-        mm = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3))
-        for i, a in enumerate(arrays):
-            mm[i] = a
-        mm.flush()
-        del mm
-        os.replace(tmp_data, data_path)
-        tmp_meta = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
-        tmp_meta.write_text(json.dumps({"n": max(n, 1), "index": index, "failed": failed, "size": size}))
-        os.replace(tmp_meta, meta_path)
-        images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(max(n, 1), size, size, 3))
+        try:
+            reserve(tmp_data, int(np.prod(shape)))
+            mm = np.memmap(tmp_data, dtype=np.uint8, mode="r+", shape=shape)
+            for i, a in enumerate(arrays):
+                mm[i] = a
+            mm.flush()
+            del mm
+            os.replace(tmp_data, data_path)
+            tmp_meta = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
+            tmp_meta.write_text(json.dumps({"n": shape[0], "index": index, "failed": failed, "size": size}))
+            os.replace(tmp_meta, meta_path)
+        except OSError as e:  # a full or read-only disk: the run goes on with the images in memory
+            tmp_data.unlink(missing_ok=True)
+            images = np.zeros(shape, dtype=np.uint8)
+            for i, a in enumerate(arrays):
+                images[i] = a
+            note = (f"could not write {np.prod(shape) / 2**30:.2f} GB to {cache_dir} ({e.strerror or e}); the decoded "
+                    "images are kept in memory for this run only")
+            return cls(images, index, failed, len(jobs), None, note)
+        images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=shape)
         return cls(images, index, failed, len(jobs), data_path)
 
 

@@ -113,6 +113,8 @@ class TrainConfig:
                                "0: recompute them every step")
     view_cache_gb: float = opt(8.0, "the most disk the cached views' folder (in --cache-dir) may take; the least "
                                     "recently used go first, and a run whose views do not fit takes fewer")
+    decode_cache_gb: float = opt(8.0, "the most disk the decoded images' folder (in --cache-dir) may take; the least "
+                                      "recently used data sets go first (the one in use always stays)")
     flips: str = opt("auto", "auto: decided on validation by the probe (d8 if turning the training images "
                              "does not hurt its validation loss, else h; h without a probe) | h: horizontal flips | "
                              "hv: also vertical | d8: also 90-degree rotations (all 8 symmetries of a square; for "
@@ -183,8 +185,9 @@ class TrainConfig:
             raise ValueError(f"--average-last is a number of epochs, 0 or more, not {c.average_last}")
         if not c.decode_timeout >= 0:
             raise ValueError(f"--decode-timeout is a number of seconds, 0 or more (0: no deadline), not {c.decode_timeout}")
-        if c.cached_views < 0 or c.view_cache_gb <= 0:
-            raise ValueError("--cached-views is a number of views, 0 or more, and --view-cache-gb a positive size")
+        if c.cached_views < 0 or not c.view_cache_gb > 0 or not c.decode_cache_gb > 0:
+            raise ValueError("--cached-views is a number of views, 0 or more; --view-cache-gb and --decode-cache-gb "
+                             "positive sizes")
         if not 0.0 < c.crop_scale <= 1.0:
             raise ValueError(f"--crop-scale is an area fraction in (0, 1], not {c.crop_scale}")
         if self.from_scratch:

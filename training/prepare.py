@@ -98,12 +98,12 @@ def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
             cache = DecodeCache.build(cfg.data, used, spec.resize_size, interpolation=spec.interpolation,
                                       cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
                                       max_pixels=cfg.max_pixels, workers=cfg.workers, progress=cfg.progress,
-                                      decode_timeout=cfg.decode_timeout)
+                                      decode_timeout=cfg.decode_timeout, limit_gb=cfg.decode_cache_gb)
         dist.barrier()
     assert cache is not None
     apply_cache_failures(manifest.files, cache)
     log(f"decode cache: {'hit, nothing decoded' if cache.decoded == 0 else f'{cache.decoded} images decoded once'} "
-        f"({cache.path})")
+        f"({cache.path or cache.note})")
     train, val, test = (ImageSet.from_records(cache, manifest.usable(s), classes) for s in ("train", "val", "test"))
     if device.type == "cuda" and all([s.to_device(device) for s in (train, val, test)]):
         log("images resident on the GPU as uint8 (no host-to-device copy per batch)")

@@ -23,11 +23,9 @@ augmentation (each view seen several times), which that section compares with th
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from models.preprocess import center, normalize
 from models.runtime import autocast
 
 from .augment import training_batch
-from .cache import default_cache_dir
+from .cache import default_cache_dir, make_room, reserve
 from .data import ImageSet
 from .distributed import log
 
@@ -189,7 +187,7 @@ def build(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup, views: 
     arr = open_views(data_path, meta_path, full_shape, np_dtype)
     hit = arr is not None
     folder.mkdir(parents=True, exist_ok=True)
-    make_room(folder, 0 if hit else views * per_view, limit_gb, keep=data_path)
+    make_room(folder, ".bin", 0 if hit else views * per_view, limit_gb, keep=data_path)
     if arr is None:
         try:
             arr = compute_views(model, trunk, train, setup, views, full_shape, np_dtype, data_path, meta_path)
@@ -273,31 +271,6 @@ def open_views(data_path: Path, meta_path: Path, shape: tuple, np_dtype: np.dtyp
         return np.memmap(data_path, dtype=np_dtype, mode="r", shape=shape)
     except (OSError, ValueError, KeyError):
         return None  # a damaged file is recomputed, never trusted
-
-
-def make_room(folder: Path, need: int, limit_gb: float, keep: Path | None = None) -> None:
-    """Delete the least recently used view files (not `keep`, the one in use) until `need` more bytes fit under the
-    limit."""
-    files = sorted((p for p in folder.glob("*.bin") if p != keep), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in folder.glob("*.bin"))
-    while files and total + need > limit_gb * 2**30:
-        old = files.pop(0)
-        total -= old.stat().st_size
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
-
-
-def reserve(path: Path, nbytes: int) -> None:
-    """Create `path` with `nbytes` allocated on disk now. A memory-mapped file that is only sparse gets its blocks
-    when it is written, and a full disk then kills the process with SIGBUS in the middle of a batch; allocated up
-    front, a full disk is an OSError (ENOSPC) here, before any work, which the caller turns into the ordinary path."""
-    with open(path, "wb") as f:
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(f.fileno(), 0, nbytes)
-        else:  # no fallocate (macOS): at least refuse what the free space says cannot fit
-            if shutil.disk_usage(path.parent).free < nbytes:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            f.truncate(nbytes)
 
 
 def compute_views(model, trunk, train: ImageSet, setup, views: int, shape: tuple, np_dtype, data_path: Path,
