@@ -3,6 +3,7 @@ keyed by the files' contents; and the decoding of many files on worker processes
 find truncated and corrupt pixel data)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -35,6 +36,15 @@ def make_room(folder: Path, suffix: str, need: int, limit_gb: float, keep: Path 
         total -= old.stat().st_size
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
+
+
+def touch(path: Path) -> None:
+    """Mark `path` recently used (its mtime), the last to go when its folder makes room; a read-only cache is still
+    used, only never evicted by this."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def reserve(path: Path, nbytes: int) -> None:
@@ -102,11 +112,10 @@ class DecodeCache:
                 # a file that ran out of time may decode now (a later --decode-timeout, a quieter machine): a
                 # cache that lists one is rebuilt, never trusted to skip it for good
                 if not any(problem == "timeout" for problem, _ in failed.values()):
-                    os.utime(data_path)  # recently used: the last to go when the folder makes room
+                    touch(data_path)
                     return cls(images, {k: int(v) for k, v in meta["index"].items()}, failed, 0, data_path)
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache is rebuilt, never trusted
-        cache_dir.mkdir(parents=True, exist_ok=True)
         jobs = [(str(root / uniq[h].path), size, interpolation, max_pixels) for h in hashes]
         results = map_images(jobs, workers, progress, decode_timeout)
         index: dict[str, int] = {}
@@ -120,9 +129,10 @@ class DecodeCache:
                 arrays.append(arr)
         n = len(arrays)
         shape = (max(n, 1), size, size, 3)
-        make_room(cache_dir, ".u8", int(np.prod(shape)), limit_gb)
         tmp_data = data_path.with_name(data_path.name + f".{os.getpid()}.tmp")
         try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            make_room(cache_dir, ".u8", int(np.prod(shape)), limit_gb)
             reserve(tmp_data, int(np.prod(shape)))
             mm = np.memmap(tmp_data, dtype=np.uint8, mode="r+", shape=shape)
             for i, a in enumerate(arrays):
@@ -134,7 +144,8 @@ class DecodeCache:
             tmp_meta.write_text(json.dumps({"n": shape[0], "index": index, "failed": failed, "size": size}))
             os.replace(tmp_meta, meta_path)
         except OSError as e:  # a full or read-only disk: the run goes on with the images in memory
-            tmp_data.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp_data.unlink(missing_ok=True)
             images = np.zeros(shape, dtype=np.uint8)
             for i, a in enumerate(arrays):
                 images[i] = a

@@ -37,7 +37,7 @@ from models.preprocess import center, normalize
 from models.runtime import autocast
 
 from .augment import training_batch
-from .cache import default_cache_dir, make_room, reserve
+from .cache import default_cache_dir, make_room, reserve, touch
 from .data import ImageSet
 from .distributed import log
 
@@ -199,7 +199,7 @@ def build(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup, views: 
     val_h = None
     if len(val):
         val_h = torch.cat([h for _, h in trunk_batches(model, trunk, len(val), setup, centre_crops(val, setup))])
-    os.utime(data_path)  # recently used: the last to go when the folder makes room
+    touch(data_path)
     out = CachedViews(arr, val_h, torch.from_numpy(val.labels), torch.from_numpy(train.labels), offsets, dtype, k,
                       data_path, views * per_view, time.perf_counter() - t0, hit, Tail(model, k),
                       tail_precision(setup))
