@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,36 +53,39 @@ def speed(args) -> None:
     header(f"cached views: pupil train, 10 epochs of the same 320 ELPV images, efficientnet_lite0 224 px, "
            f"--views {args.views}")
     work = Path(tempfile.mkdtemp(prefix="pupil-cv-"))
-    warm_cache = work / "warm-cache"
-    train(data, work / "prime", ["--cached-views", str(args.views), "--cache-dir", str(warm_cache)])  # views on disk
-    res: dict[str, dict[str, list[float]]] = {k: {"img/s": [], "wall": [], "views_s": []}
-                                              for k in ("ordinary", "cached cold", "cached warm")}
-    for rep in range(args.repeats):
-        for name in res:
-            flags = []
-            if name == "cached cold":
-                flags = ["--cached-views", str(args.views), "--cache-dir", str(work / f"cold-{rep}")]
-                # the decoded images are shared; only the views start empty
-                (work / f"cold-{rep}").mkdir()
-                os.symlink(warm_cache / "decoded", work / f"cold-{rep}" / "decoded")
-            elif name == "cached warm":
-                flags = ["--cached-views", str(args.views), "--cache-dir", str(warm_cache)]
-            else:
-                flags = ["--cache-dir", str(warm_cache)]
-            m = train(data, work / f"{name.replace(' ', '-')}-{rep}", flags)
-            res[name]["img/s"].append(statistics.median(h["images_per_s"] for h in m["history"][1:]))
-            res[name]["wall"].append(m["wall_time_s"])
-            res[name]["views_s"].append(m["phases"].get("views_s", 0.0))
-            print(f"  repeat {rep + 1} {name}: {res[name]['img/s'][-1]:.1f} img/s, wall {m['wall_time_s']:.0f} s "
-                  f"(views {res[name]['views_s'][-1]:.1f} s), validation accuracy {m['val']['accuracy']:.3f}",
-                  flush=True)
-    for name, r in res.items():
-        print(row(f"{name}: training", r["img/s"], "img/s", 28))
-        print(row(f"{name}: wall time", r["wall"], "s", 28))
-    for name in ("cached cold", "cached warm"):
-        print(ratio(f"{name} / ordinary, training images/s", res[name]["img/s"], res["ordinary"]["img/s"]))
-        print(ratio(f"{name} / ordinary, wall time (speed-up)", res[name]["wall"], res["ordinary"]["wall"],
-                    higher_is_better=False))
+    try:  # some GB of views and run folders: gone when the benchmark ends or stops
+        warm_cache = work / "warm-cache"
+        train(data, work / "prime", ["--cached-views", str(args.views), "--cache-dir", str(warm_cache)])  # views on disk
+        res: dict[str, dict[str, list[float]]] = {k: {"img/s": [], "wall": [], "views_s": []}
+                                                  for k in ("ordinary", "cached cold", "cached warm")}
+        for rep in range(args.repeats):
+            for name in res:
+                flags = []
+                if name == "cached cold":
+                    flags = ["--cached-views", str(args.views), "--cache-dir", str(work / f"cold-{rep}")]
+                    # the decoded images are shared; only the views start empty
+                    (work / f"cold-{rep}").mkdir()
+                    os.symlink(warm_cache / "decoded", work / f"cold-{rep}" / "decoded")
+                elif name == "cached warm":
+                    flags = ["--cached-views", str(args.views), "--cache-dir", str(warm_cache)]
+                else:
+                    flags = ["--cache-dir", str(warm_cache)]
+                m = train(data, work / f"{name.replace(' ', '-')}-{rep}", flags)
+                res[name]["img/s"].append(statistics.median(h["images_per_s"] for h in m["history"][1:]))
+                res[name]["wall"].append(m["wall_time_s"])
+                res[name]["views_s"].append(m["phases"].get("views_s", 0.0))
+                print(f"  repeat {rep + 1} {name}: {res[name]['img/s'][-1]:.1f} img/s, wall {m['wall_time_s']:.0f} s "
+                      f"(views {res[name]['views_s'][-1]:.1f} s), validation accuracy {m['val']['accuracy']:.3f}",
+                      flush=True)
+        for name, r in res.items():
+            print(row(f"{name}: training", r["img/s"], "img/s", 28))
+            print(row(f"{name}: wall time", r["wall"], "s", 28))
+        for name in ("cached cold", "cached warm"):
+            print(ratio(f"{name} / ordinary, training images/s", res[name]["img/s"], res["ordinary"]["img/s"]))
+            print(ratio(f"{name} / ordinary, wall time (speed-up)", res[name]["wall"], res["ordinary"]["wall"],
+                        higher_is_better=False))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 FIDELITY_CANDIDATES = ["lr1e-4", "lr3e-4", "new", "lr3e-3"]
