@@ -186,12 +186,13 @@ def build(model: torch.nn.Module, train: ImageSet, val: ImageSet, setup, views: 
     full_shape = (views, len(train), shape[1], shape[2], shape[0])  # NHWC per view
     arr = open_views(data_path, meta_path, full_shape, np_dtype)
     hit = arr is not None
-    folder.mkdir(parents=True, exist_ok=True)
-    make_room(folder, ".bin", 0 if hit else views * per_view, limit_gb, keep=data_path)
-    if arr is None:
-        try:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        make_room(folder, ".bin", 0 if hit else views * per_view, limit_gb, keep=data_path)
+        if arr is None:
             arr = compute_views(model, trunk, train, setup, views, full_shape, np_dtype, data_path, meta_path)
-        except OSError as e:  # a full or read-only disk: the run goes on without the cache
+    except OSError as e:  # a full or read-only disk: the run goes on without the cache (or with the one it read)
+        if arr is None:
             log(f"--cached-views: could not write {views * per_view / 2**30:.2f} GB of views to {folder} "
                 f"({e.strerror or e}); the frozen layers are recomputed every step")
             return None
