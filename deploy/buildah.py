@@ -65,3 +65,22 @@ def image_size(image: str) -> int:
     out = subprocess.run(buildah("images", "--json", image), capture_output=True, text=True, check=True).stdout
     value, unit = str(json.loads(out)[0]["size"]).split()
     return int(float(value) * {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
+
+
+def prune_builds(name: str, keep: int) -> list[str]:
+    """Remove the images named `name:*` but the `keep` newest (and the one tagged latest): every build tags a new
+    image, and each keeps a few hundred MB of its own layers. Returns the names of those removed; one that buildah
+    will not remove (a container still uses it) stays and is not counted."""
+    listed = subprocess.run(buildah("images", "--json"), capture_output=True, text=True)
+    if listed.returncode != 0:
+        return []
+    ours = [im for im in json.loads(listed.stdout or "[]")
+            if any(n.rsplit(":", 1)[0] == name for n in im.get("names") or [])]
+    ours.sort(key=lambda im: im.get("created", 0), reverse=True)
+    removed = []
+    for im in ours[max(keep, 1):]:
+        if f"{name}:latest" in im["names"]:
+            continue
+        if subprocess.run(buildah("rmi", im["id"]), capture_output=True).returncode == 0:
+            removed += im["names"]
+    return removed

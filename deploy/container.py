@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from .buildah import (CONTAINER_CERT, IMAGE, WORK, buildah, image_exists, image_size, require_tools, run, say,
-                      storage_driver)
+from .buildah import (CONTAINER_CERT, IMAGE, WORK, buildah, image_exists, image_size, prune_builds, require_tools, run,
+                      say, storage_driver)
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/pupil-base:bookworm"
@@ -198,6 +198,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         layers = ["--layers"] if storage_driver() == "overlay" else []
         run(buildah("bud", "--isolation", "chroot", *layers, *[a for v in volumes for a in ("-v", v)],
                     "-f", str(path), "-t", image, "-t", f"{name}:latest", context))
+    removed = prune_builds(name, args.keep)
+    if removed:
+        say(f"removed {len(removed)} older image(s) of {name} (--keep {args.keep}): {', '.join(removed)}")
     summary = {"image": image, "bento": bento, "model": built["model"], "flavour": "gpu" if args.gpu else "cpu",
                "size_mb": round(image_size(image) / 1e6), "image_build_seconds": round(time.time() - t0),
                "total_seconds": round(time.time() - started)}
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("artifact", help="artifact or run directory (e.g. runs/demo)")
     b.add_argument("--gpu", action="store_true", help="the torch/CUDA image (default: CPU, ONNX Runtime, no torch)")
     b.add_argument("--rebuild-base", action="store_true", help="debootstrap the base image again")
+    b.add_argument("--keep", type=int, default=3, help="images of this name to keep, the newest (default 3; older "
+                   "builds are removed with buildah rmi, the one tagged latest never)")
     b.set_defaults(func=cmd_build)
     t = sub.add_parser("test", help="serve from inside the image: every route, limit and answer checked")
     t.add_argument("image", nargs="?", help=f"default {IMAGE}:latest")

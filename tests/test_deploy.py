@@ -55,3 +55,37 @@ def test_manifest_keeps_a_secret_and_a_read_only_root():
     assert writable == {"/tmp", "/home/bentoml/prometheus_multiproc_dir"}
     assert all(any(w.rstrip("/") + "/" == f or f.startswith(w + "/") for w in writable)
                for f in RUNTIME_FILES if f.startswith(("/tmp", "/home")))
+
+
+def test_a_container_build_keeps_the_newest_images_and_removes_the_older_ones(tmp_path, monkeypatch):
+    """deploy.buildah.prune_builds against a stand-in `buildah` (the real one is the container test's, in CI): the
+    newest `keep` images of the name stay, and the one tagged latest, other names are never touched, and an image
+    buildah refuses to remove (a container uses it) is not reported as removed."""
+    import json
+    import os
+
+    from deploy.buildah import prune_builds
+
+    name = "localhost/pupil-service"
+    images = [{"id": f"id{i}", "names": [f"{name}:t{i}"], "created": 1000 + i} for i in range(6)]
+    images[5]["names"].append(f"{name}:latest")  # the newest, tagged twice
+    images[0]["names"] = [f"{name}:t0", f"{name}:latest"]  # an old one that latest still points at
+    images.append({"id": "base", "names": ["localhost/pupil-base:bookworm"], "created": 1})
+    images.append({"id": "idbusy", "names": [f"{name}:busy"], "created": 999})
+    (tmp_path / "images.json").write_text(json.dumps(images))
+    fake = tmp_path / "buildah"
+    fake.write_text(f"""#!/bin/sh
+shift 2  # --storage-driver DRIVER
+case "$1" in
+  images) cat {tmp_path}/images.json ;;
+  rmi) echo "$2" >> {tmp_path}/rmi.log; [ "$2" != idbusy ] ;;
+  *) exit 3 ;;
+esac
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PUPIL_BUILDAH_DRIVER", "vfs")
+    removed = prune_builds(name, keep=3)
+    asked = (tmp_path / "rmi.log").read_text().split()
+    assert asked == ["id2", "id1", "idbusy"]  # newest first: id5, id4, id3 kept; id0 is latest; base is not ours
+    assert removed == [f"{name}:t2", f"{name}:t1"]
