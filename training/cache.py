@@ -147,8 +147,8 @@ class DecodeCache:
             with contextlib.suppress(OSError):
                 tmp_data.unlink(missing_ok=True)
             images = np.zeros(shape, dtype=np.uint8)
-            for i, a in enumerate(arrays):
-                images[i] = a
+            for i in range(n):  # each decoded image let go once copied: the peak stays near one copy of the set
+                images[i], arrays[i] = arrays[i], None
             note = (f"could not write {np.prod(shape) / 2**30:.2f} GB to {cache_dir} ({e.strerror or e}); the decoded "
                     "images are kept in memory for this run only")
             return cls(images, index, failed, len(jobs), None, note)
