@@ -27,7 +27,7 @@ def default_cache_dir() -> Path:
 
 def make_room(folder: Path, suffix: str, need: int, limit_gb: float, keep: Path | None = None) -> None:
     """Delete the least recently used `*suffix` files of `folder` (and the .json beside each; never `keep`, the one in
-    use) until `need` more bytes fit under `limit_gb`. A file that is used is touched (os.utime), so its mtime is its
+    use) until `need` more bytes fit under `limit_gb`. A file that is used is touched (`touch`), so its mtime is its
     last use."""
     files = sorted((p for p in folder.glob(f"*{suffix}") if p != keep), key=lambda p: p.stat().st_mtime)
     total = sum(p.stat().st_size for p in folder.glob(f"*{suffix}"))
