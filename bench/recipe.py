@@ -69,10 +69,13 @@ CANDIDATES: dict[str, list[str]] = {
     "lr3e-3": NEW + ["--lr", "3e-3"],
     "probe": ["--stages", "probe", "--eval-crop", "1"],
     "probe-0.875": ["--stages", "probe", "--eval-crop", "0.875"],
+    # the probe's features in fp32 (--amp auto computes them in bf16 on a CPU with it since the split precision)
+    "probe-fp32": ["--stages", "probe", "--eval-crop", "1", "--amp", "off"],
+    "probe-0.875-fp32": ["--stages", "probe", "--eval-crop", "0.875", "--amp", "off"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
-# each candidate is paired with the baseline of its kind: fine-tunes with "today", probes with the previous crop's probe
-BASELINE = {"probe": "probe-0.875"}
+# each candidate is paired with the baseline of its kind: fine-tunes with "today", probes with today's probe
+BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe"}
 
 
 def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
@@ -133,7 +136,7 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             base = BASELINE.get(c, "today")
             pairs = [r[metric] - rows[(task, base, s)][metric] for s, r in ok.items()
-                     if c not in (base, "probe-0.875") and metric in rows.get((task, base, s), {})]
+                     if c != base and metric in rows.get((task, base, s), {})]
             if pairs:
                 se = f"{100 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1f}" if len(pairs) > 1 else "(one seed: none)"
                 diff = f"{100 * statistics.mean(pairs):+.1f} ± {se} pts vs {base} ({len(pairs)} pairs)"
