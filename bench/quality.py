@@ -10,7 +10,7 @@ Each row: test accuracy, balanced accuracy, macro-F1, ECE and the run's wall tim
 changes that split and the training's randomness, never the test split.
 
     python -m bench.quality [--tasks elpv-binary,...] [--seeds 0,1,2] [--sides default,probe,small_cnn] [--device cpu]
-                            [--reuse]
+                            [--reuse] [--extra "FLAGS" --label NAME] [--json FILE]
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def task_folder(task: str) -> Path:
     return make_task(task, WORK / task)
 
 
-def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False) -> dict:
-    out = WORK / "runs" / f"{task}-{side}-s{seed}"
+def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False, label: str = "") -> dict:
+    out = WORK / "runs" / f"{task}-{side}{'-' + label if label else ''}-s{seed}"
     if reuse and (out / "metrics.json").is_file():
         return figures(out, json.loads((out / "metrics.json").read_text())["wall_time_s"], reused=True)
     data = task_folder(task)
@@ -71,22 +71,34 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sides", default="default,probe,small_cnn")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--extra", default="", help="more `pupil train` flags for every run (a recipe under study)")
+    ap.add_argument("--extra", default="", help="more `pupil train` flags for every run (a recipe under study; needs "
+                                                "--label)")
+    ap.add_argument("--label", default="", help="a name for the runs with --extra: their folders and rows are "
+                                                "SIDE-LABEL, apart from the plain runs (and what --reuse finds)")
     ap.add_argument("--json", help="also write every run's figures here")
     ap.add_argument("--reuse", action="store_true",
                     help="take a run's figures from its folder where it already finished (its wall time is then the "
                          "run's own, without the process start), so seeds can be added one session at a time")
     args = ap.parse_args()
+    if args.extra and not args.label:
+        ap.error("--extra needs --label: the runs would otherwise take the folders of the plain runs")
     from bench.common import header
 
     header("model quality: test splits nothing was tuned on")
     rows = []
     for task in args.tasks.split(","):
         for side in args.sides.split(","):
-            runs = [run(task, side, int(s), args.device, args.extra.split(), args.reuse) for s in args.seeds.split(",")]
+            name = f"{side}-{args.label}" if args.label else side
+            runs: list[dict] = []
+            rows.append({"task": task, "side": name, "extra": args.extra, "runs": runs})
+            for s in args.seeds.split(","):
+                runs.append({**run(task, side, int(s), args.device, args.extra.split(), args.reuse, args.label),
+                             "seed_asked": int(s)})
+                if args.json:  # after every run, so that a stop loses only the run in progress
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
             ok = [r for r in runs if "error" not in r]
             if not ok:
-                print(f"{task:<16}{side:<11} failed: {runs[0]['error'][-300:]}", flush=True)
+                print(f"{task:<16}{name:<11} failed: {runs[0]['error'][-300:]}", flush=True)
                 continue
 
             def stat(key: str) -> str:
@@ -94,13 +106,10 @@ def main() -> None:
                 spread = statistics.pstdev(vals) if len(vals) > 1 else 0.0
                 return f"{statistics.mean(vals):.3f} ± {spread:.3f}"
 
-            line = (f"{task:<16}{side:<11}{len(ok):>3}  acc {stat('accuracy')}  bal.acc {stat('balanced_accuracy')}  "
+            line = (f"{task:<16}{name:<11}{len(ok):>3}  acc {stat('accuracy')}  bal.acc {stat('balanced_accuracy')}  "
                     f"macro-F1 {stat('macro_f1')}  ECE {stat('ece')}  wall {statistics.mean(r['wall_s'] for r in ok):6.0f} s"
                     f"  (best epochs {[r['best_epoch'] for r in ok]}, accuracies {[round(r['accuracy'], 3) for r in ok]})")
             print(line, flush=True)
-            rows.append({"task": task, "side": side, "runs": runs})
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
