@@ -28,7 +28,8 @@ def rerun_smaller(state: TrainState, at_start: dict[str, Any], n_train: int, set
 
 
 def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_train: int, setup: TrainSetup) -> None:
-    """After the first epoch: how many fit in --time-limit; the cosine is shortened to end on the last of them."""
+    """After the first epoch: how many fit in --time-limit; the cosine is shortened to end on the last of them.
+    `elapsed` counts the time the run has used and the time its finish will need (estimated by the caller)."""
     left = setup.cfg.time_limit * 60 - elapsed
     (fit_n,) = setup.dist.from_main(state.epoch + int(left // max(epoch_seconds, 1e-3)))
     if int(fit_n) < state.epochs:
