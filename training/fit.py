@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -27,7 +28,7 @@ import torch
 
 from models.runtime import amp_name, same_random_streams
 
-from .budget import fit_time_limit, rerun_smaller
+from .budget import REFIT_EPOCHS, fit_time_limit, rerun_smaller
 from .config import TrainConfig
 from .data import ImageSet
 from .manifest import Manifest
@@ -223,6 +224,7 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
     fingerprint = prep.manifest.fingerprint()
     # the checkpoint of one epoch is the starting state of the next: an out-of-memory rerun goes back to it
     at_start = state.snapshot(dist) if dist.world == 1 else None
+    epoch_times: list[float] = []  # this process's epochs, validation included (--time-limit)
     with ThreadPoolExecutor(1) as disk:  # the checkpoint is written while the next epoch trains
         pending = None
         while state.epoch < state.epochs and not (cfg.patience and state.stale >= cfg.patience):
@@ -269,10 +271,11 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
                     if k not in ("epoch", "t_start", "t_end"):
                         writer.add_scalar(k, v, epoch)
                 writer.flush()
-            if cfg.time_limit and len(state.history) == 1:
+            epoch_times.append(time.perf_counter() - t_epoch)
+            if cfg.time_limit and len(epoch_times) <= REFIT_EPOCHS:
                 # the finish, after the last epoch, passes over the validation images again and the test once
                 finish_s = FINISH_OVERHEAD_S + val_s * (1 + len(prep.test) / max(len(prep.val), 1))
-                fit_time_limit(state, time.perf_counter() - t_start + finish_s, time.perf_counter() - t_epoch,
+                fit_time_limit(state, time.perf_counter() - t_start + finish_s, statistics.median(epoch_times),
                                len(prep.train), setup)
             snap = state.snapshot(dist, fingerprint)
             if dist.main:
