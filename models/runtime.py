@@ -76,7 +76,8 @@ def amp_dtype(device, mode: str = "auto", training: bool = False):
     tail alone steps slower in bf16 (0.89 against 0.72 s), so under auto the layers that learn step in fp32 and only
     the frozen ones run in bf16 (training.views.tail_precision and split_precision: 1.22-1.50x the whole step in
     bf16, BENCHMARKS.md, training speed).
-    Training's final calibration and test run in fp32 (training.finish)."""
+    Training's final calibration and test, and the linear probe's features, run at serving's precision
+    (TrainSetup.serving: fp32 on a CPU)."""
     import torch
 
     if mode == "off":

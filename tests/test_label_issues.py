@@ -67,8 +67,11 @@ def test_check_label_issues_ranks_the_wrong_labels(tmp_path, capsys, monkeypatch
     assert not [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
     report = json.loads(capsys.readouterr().out)
     found = report["label_issues"]
-    assert found["flagged"] >= len(wrong) - 1 and (tmp_path / "label_issues.csv").is_file()
-    assert len({r["path"] for r in found["issues"][:len(wrong) + 2]} & wrong) >= len(wrong) - 1
+    assert (tmp_path / "label_issues.csv").is_file()
+    # at least half of the wrong labels found (80 images: 1 to 3 of 4 over six such folders, with fp32 features
+    # as with bf16 ones), and no image flagged that is labelled right
+    flagged = {r["path"] for r in found["issues"]}
+    assert found["flagged"] == len(flagged) >= len(wrong) // 2 and flagged <= wrong, (found["issues"], wrong)
 
 
 def test_easy_flips_in_a_flat_folder_are_exactly_the_flagged_ones(tmp_path):

@@ -81,3 +81,21 @@ def test_flips_auto_turns_images_only_where_the_evidence_says_nothing_has_an_up(
 def test_flips_auto_without_a_probe_is_mirror_images_only(shapes_dir, tiny_config):
     r = fit(tiny_config(shapes_dir, epochs=1, flips="auto"))  # small_cnn from scratch: no probe to ask
     assert r.metrics["flips"] == "h" and "flips" not in r.metrics["probe"]
+
+
+def test_the_probe_learns_on_features_at_the_precision_it_is_served_at(shapes_dir, tiny_config):
+    """Training may run bf16 on a CPU; the artifact is served in fp32 there, so the head is fitted to fp32 features."""
+    from dataclasses import replace
+
+    import torch
+
+    from training.loop import predict_logits
+    from training.prepare import start
+    from training.probe import probe_features
+
+    setup, prep = start(tiny_config(shapes_dir, model="efficientnet_lite0", img_size=32, amp="auto", device="cpu"))
+    setup = replace(setup, amp=torch.bfloat16)  # training's precision on a CPU with native bf16, on any CPU here
+    x_train = probe_features(prep.model, prep.train, prep.val, setup)[0]
+    fp32 = predict_logits(prep.model, prep.train, replace(setup, amp=None), pre_logits=True)[0]
+    bf16 = predict_logits(prep.model, prep.train, setup, pre_logits=True)[0]
+    assert torch.equal(x_train, fp32) and not torch.equal(x_train, bf16)

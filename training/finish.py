@@ -6,7 +6,7 @@ import json
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from models.artifact import save_artifact
-from models.runtime import amp_dtype, amp_name
+from models.runtime import amp_name
 
 from .config import TrainConfig
 from .data import ImageSet
@@ -53,7 +53,7 @@ def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, 
            phases: dict[str, float]) -> RunResult:
     """Calibrate and choose the abstention threshold on validation; then, once, the test split; write everything."""
     # the numbers a user gets from the artifact: at serving's precision (fp32 on a CPU even where training ran bf16)
-    train_amp, setup = setup.amp, replace(setup, amp=amp_dtype(setup.device, setup.cfg.amp))
+    train_amp, setup = setup.amp, setup.serving()
     cal = calibrate(prep.model, prep, setup)
     test = evaluate_test(prep.model, prep.test, setup, cal.temperature, cal.threshold, cal.bias) \
         if len(prep.test) else {}

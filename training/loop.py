@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.preprocess import center, normalize
-from models.runtime import autocast, in_batches
+from models.runtime import amp_dtype, autocast, in_batches
 
 from .augment import mix_batch, training_batch
 from .config import TrainConfig
@@ -46,6 +46,10 @@ class TrainSetup:
     @property
     def score_key(self) -> str:
         return "val_macro_f1" if self.select_by == "macro_f1" else "val_acc"
+
+    def serving(self) -> "TrainSetup":
+        """This setup at the precision the artifact is served at (fp32 on a CPU where training runs bf16)."""
+        return replace(self, amp=amp_dtype(self.device, self.cfg.amp))
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, pretrained: bool,
