@@ -272,7 +272,7 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
                         writer.add_scalar(k, v, epoch)
                 writer.flush()
             epoch_times.append(time.perf_counter() - t_epoch)
-            if cfg.time_limit and len(epoch_times) <= REFIT_EPOCHS:
+            if cfg.time_limit and len(state.history) <= REFIT_EPOCHS:  # a run resumed later keeps its plan
                 # the finish, after the last epoch, passes over the validation images again and the test once
                 finish_s = FINISH_OVERHEAD_S + val_s * (1 + len(prep.test) / max(len(prep.val), 1))
                 fit_time_limit(state, time.perf_counter() - t_start + finish_s, statistics.median(epoch_times),
