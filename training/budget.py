@@ -32,8 +32,8 @@ def rerun_smaller(state: TrainState, at_start: dict[str, Any], n_train: int, set
 def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_train: int, setup: TrainSetup) -> None:
     """After each of the first epochs (REFIT_EPOCHS): how many fit in --time-limit at `epoch_seconds` each (the
     median epoch so far); the cosine is fitted to end on the last of them, never past the epochs asked for. Refitting
-    after more than one epoch lets a first epoch slowed by something else on the machine not cost the run a third
-    of its epochs (ELPV binary: 46 s against 36 s once, 11 epochs of a possible 15).
+    after more than one epoch keeps a first epoch slowed by something else on the machine (or by its first-time
+    costs) from deciding the whole run's length alone.
     `elapsed` counts the time the run has used and the time its finish will need (estimated by the caller)."""
     left = setup.cfg.time_limit * 60 - elapsed
     (fit_n,) = setup.dist.from_main(state.epoch + int(left // max(epoch_seconds, 1e-3)))
