@@ -72,10 +72,18 @@ CANDIDATES: dict[str, list[str]] = {
     # the probe's features in fp32 (--amp auto computes them in bf16 on a CPU with it since the split precision)
     "probe-fp32": ["--stages", "probe", "--eval-crop", "1", "--amp", "off"],
     "probe-0.875-fp32": ["--stages", "probe", "--eval-crop", "0.875", "--amp", "off"],
+    # the defaults as they are (20 epochs since issue 27's round 1), and without early stopping: patience 5 stopped
+    # runs before their cosine had annealed (BENCHMARKS.md, ELPV binary in 10 minutes)
+    "default": [],
+    "default-nopatience": ["--patience", "0"],
+    "default-tl10": ["--time-limit", "10"],
+    "default-tl10-nopatience": ["--time-limit", "10", "--patience", "0"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # each candidate is paired with the baseline of its kind: fine-tunes with "today", probes with today's probe
-BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe"}
+BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
+            "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
+            "default-tl10-nopatience": "default-tl10"}
 
 
 def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
