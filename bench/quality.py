@@ -42,8 +42,9 @@ def task_folder(task: str) -> Path:
     return make_task(task, WORK / task)
 
 
-def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False, label: str = "") -> dict:
-    out = WORK / "runs" / f"{task}-{side}{'-' + label if label else ''}-s{seed}"
+def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False, name: str = "") -> dict:
+    """One `pupil train` of the task's training part; its folder is named after `name` (the side, or SIDE-LABEL)."""
+    out = WORK / "runs" / f"{task}-{name or side}-s{seed}"
     if reuse and (out / "metrics.json").is_file():
         return figures(out, json.loads((out / "metrics.json").read_text())["wall_time_s"], reused=True)
     data = task_folder(task)
@@ -92,7 +93,7 @@ def main() -> None:
             runs: list[dict] = []
             rows.append({"task": task, "side": name, "extra": args.extra, "runs": runs})
             for s in args.seeds.split(","):
-                runs.append({**run(task, side, int(s), args.device, args.extra.split(), args.reuse, args.label),
+                runs.append({**run(task, side, int(s), args.device, args.extra.split(), args.reuse, name),
                              "seed_asked": int(s)})
                 if args.json:  # after every run, so that a stop loses only the run in progress
                     Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -11,6 +11,9 @@ from .loop import TrainSetup, steps_per_epoch
 from .state import TrainState
 
 REFIT_EPOCHS = 3  # --time-limit: the epochs after which the number that fit is counted again
+# --time-limit: the finish's work besides its passes over the validation and test images (temperature, export,
+# report, thumbnails): some 5-8 s for efficientnet_lite0 on ELPV here (metrics.json's phases)
+FINISH_OVERHEAD_S = 5.0
 
 
 def rerun_smaller(state: TrainState, at_start: dict[str, Any], n_train: int, setup: TrainSetup) -> None:
@@ -44,6 +47,12 @@ def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_tr
             state.avg_sum, state.avg_epochs = None, []
         state.shape.total = steps_per_epoch(n_train, state.batch_size * setup.dist.world) * state.epochs
         log(f"time limit {setup.cfg.time_limit:g} min: {state.epochs} epochs fit")
+
+
+def finish_seconds(val_seconds: float, n_val: int, n_test: int) -> float:
+    """The finish's time, estimated from an epoch's validation pass: after the last epoch it passes over the
+    validation images again and over the test images once, then calibrates, exports and reports."""
+    return FINISH_OVERHEAD_S + val_seconds * (1 + n_test / max(n_val, 1))
 
 
 def set_lr(state: TrainState) -> None:

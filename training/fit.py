@@ -28,7 +28,7 @@ import torch
 
 from models.runtime import amp_name, same_random_streams
 
-from .budget import REFIT_EPOCHS, fit_time_limit, rerun_smaller
+from .budget import REFIT_EPOCHS, finish_seconds, fit_time_limit, rerun_smaller
 from .config import TrainConfig
 from .data import ImageSet
 from .manifest import Manifest
@@ -44,10 +44,6 @@ from .state import TrainState, load_checkpoint, save_checkpoint
 from .tuning import lr_range_test, plot_lr_find
 from .views import build as build_views
 from .views import evaluate_cached, split_precision, why_not
-
-# --time-limit: the finish's work besides its passes over the validation and test images (temperature, export,
-# report, thumbnails): some 5-8 s for efficientnet_lite0 on ELPV here (metrics.json's phases)
-FINISH_OVERHEAD_S = 5.0
 
 
 # ------------------------------------------------------------------------------------------------------ the recipe
@@ -273,8 +269,7 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
                 writer.flush()
             epoch_times.append(time.perf_counter() - t_epoch)
             if cfg.time_limit and len(state.history) <= REFIT_EPOCHS:  # a run resumed later keeps its plan
-                # the finish, after the last epoch, passes over the validation images again and the test once
-                finish_s = FINISH_OVERHEAD_S + val_s * (1 + len(prep.test) / max(len(prep.val), 1))
+                finish_s = finish_seconds(val_s, len(prep.val), len(prep.test))
                 fit_time_limit(state, time.perf_counter() - t_start + finish_s, statistics.median(epoch_times),
                                len(prep.train), setup)
             snap = state.snapshot(dist, fingerprint)
