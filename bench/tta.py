@@ -35,9 +35,11 @@ def symmetries(batch: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(a) for a in out]
 
 
-def measure(run: Path, batch: int = 64) -> dict:
+def val_logits(run: Path, batch: int = 64, views: int = 1):
+    """A finished run's kept model on its own validation images (split.json): the raw logits (before any logit
+    adjustment) of each of the first `views` symmetries (views x N x K, or N x K for one view), the labels, the
+    classes and the run's Predictor."""
     from models.predictor import Predictor
-    from training.metrics import classification_metrics
 
     split = json.loads((run / "split.json").read_text())
     data = Path(re.search(r"^data: (.+)$", (run / "config.yaml").read_text(), re.M).group(1).strip())
@@ -48,10 +50,17 @@ def measure(run: Path, batch: int = 64) -> dict:
     per_view = []  # views x N x K raw logits
     for i in range(0, len(paths), batch):
         x = np.stack([pred.load(data / p) for p in paths[i:i + batch]])
-        per_view.append(np.stack([pred._logits(v) for v in symmetries(x)]))
+        per_view.append(np.stack([pred._logits(v) for v in symmetries(x)[:views]]))
     raw = np.concatenate(per_view, axis=1)
+    return (raw[0] if views == 1 else raw), y, classes, pred
+
+
+def measure(run: Path, batch: int = 64) -> dict:
+    from training.metrics import classification_metrics
+
+    raw, y, classes, pred = val_logits(run, batch, views=8)
     bias = pred.bias if pred.bias is not None else 0.0
-    out = {"run": str(run), "n": len(paths), "flips": json.loads((run / "metrics.json").read_text()).get("flips")}
+    out = {"run": str(run), "n": len(y), "flips": json.loads((run / "metrics.json").read_text()).get("flips")}
     for name, k in VIEWS.items():
         logits = raw[:k].mean(0) + bias
         z = (logits - logits.max(1, keepdims=True)) / pred.temperature

@@ -1,0 +1,124 @@
+"""The post-hoc logit adjustment's choice, judged on validation only and cross-fitted.
+
+`--balance posthoc` (auto on data whose largest class is over 3x its smallest, e.g. ELPV 4-class) subtracts tau x
+log(class prior) from the logits, tau chosen on the validation split by macro-F1 from 0, 0.25, ..., 1.5
+(training.metrics.choose_logit_bias). Whether another rule (a finer or wider grid, balanced accuracy or accuracy as
+the objective) gives better answers cannot be judged on the images it chooses with, so here each finished run's
+validation images are halved (stratified, `--repeats` random halvings): tau is chosen on one half by each rule and
+scored on the other, both ways round. Per rule and run: the out-of-half accuracy, balanced accuracy and macro-F1,
+averaged over halvings; over runs (seeds), each rule's paired difference against today's, mean ± standard error.
+
+It also prints, per run, what each tau gives on the whole validation split (descriptive: chosen and scored on the
+same images), to show the trade between accuracy and balanced accuracy that the choice moves along. The kept
+epoch and temperature were chosen on these images too; the test split is never read.
+
+    python -m bench.posthoc RUN_DIR [RUN_DIR ...] [--repeats 50] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.tta import val_logits  # noqa: E402
+
+TODAY = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+WIDE = tuple(np.round(np.arange(0, 3.01, 0.25), 2))
+RULES = {  # name: (the objective tau is chosen by, the taus tried); the first is today's rule
+    "macro_f1, today's grid (today)": ("macro_f1", TODAY),
+    "macro_f1, 0-3": ("macro_f1", WIDE),
+    "balanced_accuracy, today's grid": ("balanced_accuracy", TODAY),
+    "balanced_accuracy, 0-3": ("balanced_accuracy", WIDE),
+    "accuracy, today's grid": ("accuracy", TODAY),
+    "none (tau 0)": ("accuracy", (0.0,)),
+}
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def scores(logits: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
+    pred = logits.argmax(1)
+    cm = np.zeros((k, k))
+    np.add.at(cm, (y, pred), 1)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    present = support > 0
+    return {"accuracy": float(tp.sum() / len(y)), "balanced_accuracy": float(recall[present].mean()),
+            "macro_f1": float(f1[present].mean())}
+
+
+def choose(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, metric: str, grid) -> float:
+    k = logits.shape[1]
+    got = {t: scores(logits - t * log_prior, y, k)[metric] for t in grid}
+    return max(grid, key=lambda t: (got[t], -t))  # the smaller tau on ties, as choose_logit_bias
+
+
+def halves(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A stratified random half of the indices (a boolean mask)."""
+    mask = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        mask[idx[: len(idx) // 2]] = True
+    return mask
+
+
+def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, repeats: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    k = logits.shape[1]
+    out = {r: {m: [] for m in METRICS} | {"tau": []} for r in RULES}
+    for _ in range(repeats):
+        a = halves(y, rng)
+        for choose_on, score_on in ((a, ~a), (~a, a)):
+            for rule, (metric, grid) in RULES.items():
+                tau = choose(logits[choose_on], y[choose_on], log_prior, metric, grid)
+                s = scores(logits[score_on] - tau * log_prior, y[score_on], k)
+                for m in METRICS:
+                    out[rule][m].append(s[m])
+                out[rule]["tau"].append(tau)
+    return {r: {m: float(np.mean(v)) for m, v in d.items()} for r, d in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--repeats", type=int, default=50, help="random stratified halvings of each validation split")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    rows = []
+    for run in a.runs:
+        logits, y, classes, _ = val_logits(run)
+        m = json.loads((run / "metrics.json").read_text())
+        counts = np.array([m["counts"]["train"][c] for c in classes], float)
+        log_prior = np.log(counts / counts.sum())
+        frontier = {float(t): scores(logits - t * log_prior, y, len(classes)) for t in WIDE}
+        row = {"run": str(run), "n": len(y), "val_counts": np.bincount(y, minlength=len(classes)).tolist(),
+               "frontier": frontier, "rules": cross_fitted(logits, y, log_prior, a.repeats)}
+        rows.append(row)
+        print(f"{run.name}: validation n={len(y)} per class {row['val_counts']} (whole split, descriptive)")
+        for t, s in frontier.items():
+            print(f"  tau {t:4.2f}: " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()))
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"\ncross-fitted (tau chosen on one stratified half, scored on the other; {a.repeats} halvings x 2), "
+          f"mean over {len(rows)} runs, and each rule minus today's (paired over runs, mean ± se, points)")
+    base = next(iter(RULES))
+    for rule in RULES:
+        cells = []
+        for metric in METRICS:
+            v = np.array([r["rules"][rule][metric] for r in rows])
+            d = 100 * (v - np.array([r["rules"][base][metric] for r in rows]))
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            cells.append(f"{metric} {v.mean():.3f}" + (f" ({d.mean():+.1f} ± {se:.1f})" if rule != base else ""))
+        taus = np.mean([r["rules"][rule]["tau"] for r in rows])
+        print(f"{rule:32s} mean tau {taus:4.2f}  " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
