@@ -78,12 +78,14 @@ CANDIDATES: dict[str, list[str]] = {
     "default-nopatience": ["--patience", "0"],
     "default-tl10": ["--time-limit", "10"],
     "default-tl10-nopatience": ["--time-limit", "10", "--patience", "0"],
+    # the preset for the 60-minute target (training/config.py PRESETS), against the defaults
+    "best": ["--preset", "best"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # each candidate is paired with the baseline of its kind: fine-tunes with "today", probes with today's probe
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
             "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
-            "default-tl10-nopatience": "default-tl10"}
+            "default-tl10-nopatience": "default-tl10", "best": "default"}
 
 
 def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
