@@ -82,7 +82,8 @@ CANDIDATES: dict[str, list[str]] = {
     "best": ["--preset", "best"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
-# each candidate is paired with the baseline of its kind: fine-tunes with "today", probes with today's probe
+# each candidate is paired with the baseline of its kind: the study's fine-tunes with "today", probes with today's
+# probe, today's defaults' variants with the defaults run the same way (plain or under the same --time-limit)
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
             "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
             "default-tl10-nopatience": "default-tl10", "best": "default"}

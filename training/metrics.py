@@ -183,8 +183,11 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float = 0.95
             "precision": float((probs.argmax(1) == labels)[accepted].mean()), "coverage": float(accepted.mean())}
 
 
+LOGIT_ADJUSTMENT_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # the strengths --balance posthoc chooses from
+
+
 def choose_logit_bias(logits: torch.Tensor, labels: torch.Tensor, train_labels: np.ndarray, k: int,
-                      taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)) -> tuple[torch.Tensor, dict]:
+                      taus: tuple[float, ...] = LOGIT_ADJUSTMENT_TAUS) -> tuple[torch.Tensor, dict]:
     """Post-hoc logit adjustment (Menon et al., 2021): subtract tau times the log of each class's training frequency
     from the logits, which moves the decision towards the rare classes; tau chosen on validation for macro-F1 (the
     smaller on ties; 0 is no change). Returns the bias to add to the logits, and the record of the choice."""
