@@ -42,11 +42,15 @@ def task_folder(task: str) -> Path:
     return make_task(task, WORK / task)
 
 
-def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False, name: str = "") -> dict:
-    """One `pupil train` of the task's training part; its folder is named after `name` (the side, or SIDE-LABEL)."""
+def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: bool = False, name: str = "",
+        recorded: dict | None = None) -> dict:
+    """One `pupil train` of the task's training part; its folder is named after `name` (the side, or SIDE-LABEL).
+    With reuse: the figures of the run's folder where it finished, else the row `recorded` (the --json file's)."""
     out = WORK / "runs" / f"{task}-{name or side}-s{seed}"
     if reuse and (out / "metrics.json").is_file():
         return figures(out, json.loads((out / "metrics.json").read_text())["wall_time_s"], reused=True)
+    if reuse and recorded:
+        return {**recorded, "reused": True}
     data = task_folder(task)
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out), "--no-progress",
            "--device", device, *SIDES[side], *extra]
@@ -66,6 +70,16 @@ def figures(out: Path, wall: float, reused: bool = False) -> dict:
             "seed": m.get("reproducibility", {}).get("seed"), "reused": reused}
 
 
+def recorded_runs(path: str | None, task: str, name: str, extra: str) -> dict[int, dict]:
+    """The finished runs a --json file already holds for this task, side and flags, by the seed asked: what --reuse
+    takes when a run's folder is gone (another machine, a cleared cache), so the file alone carries the seeds."""
+    if not path or not Path(path).is_file():
+        return {}
+    return {r["seed_asked"]: r for row in json.loads(Path(path).read_text())
+            if (row["task"], row["side"], row.get("extra", "")) == (task, name, extra)
+            for r in row["runs"] if "error" not in r and "seed_asked" in r}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="elpv-binary,elpv-fourclass,elpv-type,digits,faces")
@@ -79,7 +93,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write every run's figures here")
     ap.add_argument("--reuse", action="store_true",
                     help="take a run's figures from its folder where it already finished (its wall time is then the "
-                         "run's own, without the process start), so seeds can be added one session at a time")
+                         "run's own, without the process start), else from the --json file's row for it, so seeds "
+                         "can be added one session at a time")
     args = ap.parse_args()
     if args.extra and not args.label:
         ap.error("--extra needs --label: the runs would otherwise take the folders of the plain runs")
@@ -90,11 +105,12 @@ def main() -> None:
     for task in args.tasks.split(","):
         for side in args.sides.split(","):
             name = f"{side}-{args.label}" if args.label else side
+            recorded = recorded_runs(args.json, task, name, args.extra)
             runs: list[dict] = []
             rows.append({"task": task, "side": name, "extra": args.extra, "runs": runs})
             for s in args.seeds.split(","):
-                runs.append({**run(task, side, int(s), args.device, args.extra.split(), args.reuse, name),
-                             "seed_asked": int(s)})
+                runs.append({**run(task, side, int(s), args.device, args.extra.split(), args.reuse, name,
+                                   recorded.get(int(s))), "seed_asked": int(s)})
                 if args.json:  # after every run, so that a stop loses only the run in progress
                     Path(args.json).write_text(json.dumps(rows, indent=1))
             ok = [r for r in runs if "error" not in r]

@@ -106,3 +106,29 @@ def test_posthoc_cross_fitting_chooses_on_one_half_and_scores_the_other():
     out = posthoc.cross_fitted(logits, y, log_prior, repeats=3)
     assert out["none (tau 0)"]["tau"] == 0
     assert out["balanced_accuracy, 0-3"]["balanced_accuracy"] > out["none (tau 0)"]["balanced_accuracy"] + 0.1
+
+
+def test_quality_reuse_takes_a_seed_from_the_json_file_when_its_folder_is_gone(tmp_path, monkeypatch):
+    """bench.quality --reuse: a seed recorded in the --json file is not run again once the run folders are gone (a new
+    machine), and only rows of the same task, side and flags count."""
+    import json
+
+    from bench import quality
+
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    ran = []
+    monkeypatch.setattr(quality, "task_folder", lambda task: ran.append(task) or tmp_path)
+    kept = {"accuracy": 0.88, "wall_s": 1922.0, "seed_asked": 0}
+    rows = [{"task": "elpv-binary", "side": "default-best", "extra": "--preset best", "runs": [kept]},
+            {"task": "elpv-binary", "side": "default-best", "extra": "--other", "runs": [{**kept, "seed_asked": 1}]}]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(rows))
+    recorded = quality.recorded_runs(str(path), "elpv-binary", "default-best", "--preset best")
+    assert list(recorded) == [0]
+    row = quality.run("elpv-binary", "default", 0, "cpu", [], True, "default-best", recorded.get(0))
+    assert (row["accuracy"], row["wall_s"], row["reused"], ran) == (0.88, 1922.0, True, [])
+    # seed 1 is recorded for other flags only: it runs (here: fails at once, the data folder being empty)
+    monkeypatch.setattr(quality, "subprocess", type("S", (), {"run": staticmethod(
+        lambda *a, **k: type("R", (), {"returncode": 2, "stderr": "no images"})())}))
+    row = quality.run("elpv-binary", "default", 1, "cpu", [], True, "default-best", recorded.get(1))
+    assert row == {"error": "no images"} and ran == ["elpv-binary"]
