@@ -49,8 +49,8 @@ def run(task: str, side: str, seed: int, device: str, extra: list[str], reuse: b
     out = WORK / "runs" / f"{task}-{name or side}-s{seed}"
     if reuse and (out / "metrics.json").is_file():
         return figures(out, json.loads((out / "metrics.json").read_text())["wall_time_s"], reused=True)
-    if reuse and recorded:
-        return {**recorded, "reused": True}
+    if reuse and recorded:  # as it was recorded (its "reused" says how its figures were first got)
+        return dict(recorded)
     data = task_folder(task)
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out), "--no-progress",
            "--device", device, *SIDES[side], *extra]

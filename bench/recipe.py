@@ -80,13 +80,22 @@ CANDIDATES: dict[str, list[str]] = {
     "default-tl10-nopatience": ["--time-limit", "10", "--patience", "0"],
     # the preset for the issue's 60-minute target (training/config.py PRESETS), against the defaults
     "best": ["--preset", "best"],
+    # round 2 of the GPU study (bench/gpu_study.py ROUND2_ON_E20) on this CPU, one at a time: round 1's trades and
+    # near-wins on top of today's defaults (20 epochs since round 1), each paired with "default"
+    "default-avg3": ["--average-last", "3"],
+    "default-res288": ["--img-size", "288"],
+    "default-lite2-300": ["--model", "efficientnet_lite2", "--img-size", "300"],
+    "default-balance-loss": ["--balance", "loss"],
+    "default-drop-issues": ["--drop-label-issues"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # each candidate is paired with the baseline of its kind: the study's fine-tunes with "today", probes with today's
 # probe, today's defaults' variants with the defaults run the same way (plain or under the same --time-limit)
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
             "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
-            "default-tl10-nopatience": "default-tl10", "best": "default"}
+            "default-tl10-nopatience": "default-tl10", "best": "default",
+            **{c: "default" for c in ("default-avg3", "default-res288", "default-lite2-300", "default-balance-loss",
+                                      "default-drop-issues")}}
 
 
 def done_runs(path: Path) -> dict[tuple[str, str, int], dict]:
