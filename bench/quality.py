@@ -70,12 +70,11 @@ def figures(out: Path, wall: float, reused: bool = False) -> dict:
             "seed": m.get("reproducibility", {}).get("seed"), "reused": reused}
 
 
-def recorded_runs(path: str | None, task: str, name: str, extra: str) -> dict[int, dict]:
-    """The finished runs a --json file already holds for this task, side and flags, by the seed asked: what --reuse
-    takes when a run's folder is gone (another machine, a cleared cache), so the file alone carries the seeds."""
-    if not path or not Path(path).is_file():
-        return {}
-    return {r["seed_asked"]: r for row in json.loads(Path(path).read_text())
+def recorded_runs(rows: list[dict], task: str, name: str, extra: str) -> dict[int, dict]:
+    """The finished runs among a --json file's rows (as it was before this invocation rewrote it) for this task, side
+    and flags, by the seed asked: what --reuse takes when a run's folder is gone (another machine, a cleared cache),
+    so the file alone carries the seeds."""
+    return {r["seed_asked"]: r for row in rows
             if (row["task"], row["side"], row.get("extra", "")) == (task, name, extra)
             for r in row["runs"] if "error" not in r and "seed_asked" in r}
 
@@ -101,11 +100,13 @@ def main() -> None:
     from bench.common import header
 
     header("model quality: test splits nothing was tuned on")
+    # read once, before the first run rewrites the file with this invocation's rows only
+    before = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     rows = []
     for task in args.tasks.split(","):
         for side in args.sides.split(","):
             name = f"{side}-{args.label}" if args.label else side
-            recorded = recorded_runs(args.json, task, name, args.extra)
+            recorded = recorded_runs(before, task, name, args.extra)
             runs: list[dict] = []
             rows.append({"task": task, "side": name, "extra": args.extra, "runs": runs})
             for s in args.seeds.split(","):

@@ -2,6 +2,8 @@
 missing, from the results file alone."""
 from __future__ import annotations
 
+import pytest
+
 from bench import study
 
 
@@ -121,9 +123,7 @@ def test_quality_reuse_takes_a_seed_from_the_json_file_when_its_folder_is_gone(t
     kept = {"accuracy": 0.88, "wall_s": 1922.0, "seed_asked": 0}
     rows = [{"task": "elpv-binary", "side": "default-best", "extra": "--preset best", "runs": [kept]},
             {"task": "elpv-binary", "side": "default-best", "extra": "--other", "runs": [{**kept, "seed_asked": 1}]}]
-    path = tmp_path / "q.json"
-    path.write_text(json.dumps(rows))
-    recorded = quality.recorded_runs(str(path), "elpv-binary", "default-best", "--preset best")
+    recorded = quality.recorded_runs(json.loads(json.dumps(rows)), "elpv-binary", "default-best", "--preset best")
     assert list(recorded) == [0]
     row = quality.run("elpv-binary", "default", 0, "cpu", [], True, "default-best", recorded.get(0))
     assert row == kept and ran == []
@@ -132,3 +132,25 @@ def test_quality_reuse_takes_a_seed_from_the_json_file_when_its_folder_is_gone(t
         lambda *a, **k: type("R", (), {"returncode": 2, "stderr": "no images"})())}))
     row = quality.run("elpv-binary", "default", 1, "cpu", [], True, "default-best", recorded.get(1))
     assert row == {"error": "no images"} and ran == ["elpv-binary"]
+
+
+def test_quality_reuse_keeps_every_task_of_the_json_file_while_it_rewrites_it(tmp_path, monkeypatch, capsys):
+    """Two tasks recorded in the --json file: the first task's row rewrites the file before the second task is
+    reached, and the second's seeds are still taken from the file as it was, not run again."""
+    import json
+    import sys
+
+    from bench import quality
+
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    monkeypatch.setattr(quality, "task_folder", lambda task: pytest.fail(f"{task} was run again"))
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"task": t, "side": "probe", "extra": "", "runs": [
+        {"accuracy": acc, "balanced_accuracy": acc, "macro_f1": acc, "ece": 0.01, "wall_s": 40.0, "best_epoch": 0,
+         "seed_asked": 0}]} for t, acc in (("faces", 1.0), ("digits", 0.88))]))
+    monkeypatch.setattr(sys, "argv", ["quality", "--tasks", "faces,digits", "--seeds", "0", "--sides", "probe",
+                                      "--reuse", "--json", str(path)])
+    quality.main()
+    assert [(r["task"], r["runs"][0]["accuracy"]) for r in json.loads(path.read_text())] == [("faces", 1.0),
+                                                                                              ("digits", 0.88)]
+    assert "accuracies [0.88]" in capsys.readouterr().out
