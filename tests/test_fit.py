@@ -272,8 +272,7 @@ def test_time_limit_counts_again_after_a_slow_first_epoch_and_never_past_the_epo
 
     cfg = TrainConfig(data=".", epochs=20, time_limit=10.0, average_last=3)
     setup = SimpleNamespace(cfg=cfg, dist=Dist())
-    state = SimpleNamespace(epoch=1, epochs=20, batch_size=32, shape=SimpleNamespace(total=0), avg_epochs=[],
-                            avg_sum=None)
+    state = SimpleNamespace(epoch=1, epochs=20, batch_size=32, shape=SimpleNamespace(total=0))
     # a first epoch slowed by something else on the machine: 70 s of the 600 used, 46 s an epoch -> 12 fit
     fit_time_limit(state, elapsed=70.0, epoch_seconds=46.0, n_train=1600, setup=setup)
     assert state.epochs == 1 + int(530 // 46) == 12 and state.shape.total == 50 * 12
@@ -285,10 +284,6 @@ def test_time_limit_counts_again_after_a_slow_first_epoch_and_never_past_the_epo
     state.epoch = 3
     fit_time_limit(state, elapsed=150.0, epoch_seconds=5.0, n_train=1600, setup=setup)
     assert state.epochs == 20
-    # an epoch already summed for --average-last that is no longer among the last 3 is taken out of the sum
-    state.epochs, state.epoch, state.avg_epochs, state.avg_sum = 4, 2, [2], {"w": 1}
-    fit_time_limit(state, elapsed=100.0, epoch_seconds=10.0, n_train=1600, setup=setup)
-    assert state.epochs == 20 and state.avg_epochs == [] and state.avg_sum is None
 
 
 def test_mixup_cutmix_flips_and_small_cnn_depth_train(shapes_dir, tiny_config):

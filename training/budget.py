@@ -43,8 +43,6 @@ def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_tr
     n = max(state.epoch, min(setup.cfg.epochs, int(fit_n)))
     if n != state.epochs:
         state.epochs = n
-        if state.avg_epochs and min(state.avg_epochs) <= n - setup.cfg.average_last:  # no longer among the last N
-            state.avg_sum, state.avg_epochs = None, []
         state.shape.total = steps_per_epoch(n_train, state.batch_size * setup.dist.world) * state.epochs
         log(f"time limit {setup.cfg.time_limit:g} min: {state.epochs} epochs fit")
 

@@ -102,7 +102,7 @@ class TrainConfig:
     lr_decay: float = opt(0.0, "layer-wise learning-rate decay: each stage below the last learns at this fraction of "
                                "the rate of the one above it (0.7 e.g.; 0: every backbone stage at --backbone-lr)")
     average_last: int = opt(0, "the model kept as 'last' is the average of the weights after each of the last N "
-                               "epochs (0 or 1: the last epoch's weights)")
+                               "epochs run, an early stop's too (0 or 1: the last epoch's weights)")
     ordinal: bool = opt(False, "the classes are ordered (in their sorted names' order, e.g. p000 < p033 < p067 < p100): "
                                "label smoothing goes to the neighbouring classes, not to all")
     freeze_stages: int = opt(2, "pretrained models: keep the stem and the first N stages fixed (no gradient, less "

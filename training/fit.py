@@ -133,10 +133,11 @@ def read_resume(cfg: TrainConfig, ckpt_path: Path, manifest: Manifest) -> dict[s
 
 
 def average_last(state: TrainState, prep: Prepared, setup: TrainSetup) -> dict[str, Any] | None:
-    """--average-last N: the fine-tune's 'last' weights become the mean of the weights after each of its last N
-    epochs (the end of a cosine schedule wanders around a minimum; the mean sits nearer its centre: SWA, Izmailov
-    et al. 2018, with the BatchNorm statistics fixed, so nothing needs recomputing). The kept-model rule then
-    compares them with the best-scoring candidate as it compares the last epoch."""
+    """--average-last N: the fine-tune's 'last' weights become the mean of the weights after each of the last N
+    epochs it ran, wherever early stopping or --time-limit ended it (the end of a cosine schedule wanders around a
+    minimum; the mean sits nearer its centre: SWA, Izmailov et al. 2018, with the BatchNorm statistics fixed, so
+    nothing needs recomputing). The kept-model rule then compares them with the best-scoring candidate as it
+    compares the last epoch."""
     if len(state.avg_epochs) < 2:
         return None
     mean = state.averaged()
@@ -257,8 +258,8 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
             state.history.append(row)
             state.keep_if_best(score, epoch, better=bool(better))
             state.stale = 0 if improved else state.stale + 1
-            if cfg.average_last > 1 and epoch > state.epochs - cfg.average_last:
-                state.add_to_average()
+            if cfg.average_last > 1:
+                state.add_to_average(cfg.average_last)
             log(f"epoch {epoch}/{state.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.3f}  "
                 + (f"validation loss {row['val_loss']:.4f}  accuracy {row['val_acc']:.3f}  " if len(prep.val) else "")
                 + f"{row['images_per_s']:.0f} img/s")

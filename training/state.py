@@ -58,26 +58,25 @@ class TrainState:
     step_in_epoch: int = 0  # steps of the current epoch already taken (a stop inside an epoch; 0 between epochs)
     epoch_order: torch.Tensor | None = None  # the data-order generator's state at the current epoch's start
     partial: tuple = (0, 0.0, 0)  # the current epoch's images, loss sum and correct answers so far
-    avg_sum: dict[str, torch.Tensor] | None = None  # --average-last: the judged weights summed over the epochs so far
-    avg_epochs: list[int] = field(default_factory=list)  # ... and which epochs they are
+    # --average-last N: the judged weights (floating tensors, on the CPU) after each of the last N epochs run, and
+    # which epochs they are: a rolling window, so a run that early stopping or --time-limit ends sooner is averaged too
+    avg_window: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    avg_epochs: list[int] = field(default_factory=list)
 
-    def add_to_average(self) -> None:
-        """--average-last: add the judged weights after this epoch to the running sum (floating tensors; integer
+    def add_to_average(self, n: int) -> None:
+        """--average-last N: this epoch's judged weights into the window, the oldest out once it holds N (integer
         buffers such as BatchNorm's step count are taken from the last epoch)."""
         sd = self.judged.state_dict()
-        if self.avg_sum is None:
-            self.avg_sum = {k: v.detach().to("cpu", torch.float64, copy=True) for k, v in sd.items()
-                            if v.is_floating_point()}
-        else:
-            for k, v in self.avg_sum.items():
-                v += sd[k].detach().to("cpu", torch.float64)
+        self.avg_window.append({k: v.detach().to("cpu", copy=True) for k, v in sd.items() if v.is_floating_point()})
         self.avg_epochs.append(self.epoch)
+        del self.avg_window[:-n], self.avg_epochs[:-n]
 
     def averaged(self) -> dict[str, torch.Tensor]:
-        """The mean of the summed weights, as a state dict for the judged model."""
+        """The mean of the window's weights (summed in float64), as a state dict for the judged model."""
         sd = self.judged.state_dict()
-        n = len(self.avg_epochs)
-        return {k: (self.avg_sum[k] / n).to(v.dtype) if k in (self.avg_sum or {}) else v for k, v in sd.items()}
+        n = len(self.avg_window)
+        return {k: (sum(w[k].double() for w in self.avg_window) / n).to(v.dtype) if k in self.avg_window[0] else v
+                for k, v in sd.items()}
 
     @property
     def judged(self) -> torch.nn.Module:
@@ -108,7 +107,7 @@ class TrainState:
             "data_fingerprint": fingerprint,
             "step_in_epoch": self.step_in_epoch, "partial": json.dumps(list(self.partial)),
             "epoch_order": self.epoch_order if self.epoch_order is not None else torch.zeros(0, dtype=torch.uint8),
-            "avg_sum": cpu_copy(self.avg_sum) if self.avg_sum is not None else {},
+            "avg_window": [cpu_copy(w) for w in self.avg_window],
             "avg_epochs": json.dumps(self.avg_epochs),
         }
 
@@ -133,7 +132,7 @@ class TrainState:
         self.probe, self.lr_find = json.loads(ckpt["probe"]), json.loads(ckpt["lr_find"])
         self.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
         self.partial = tuple(json.loads(ckpt.get("partial", "[0, 0.0, 0]")))
-        self.avg_sum = dict(ckpt["avg_sum"]) if ckpt.get("avg_sum") else None
+        self.avg_window = [dict(w) for w in ckpt.get("avg_window", [])]
         self.avg_epochs = json.loads(ckpt.get("avg_epochs", "[]"))
         order = ckpt.get("epoch_order")
         self.epoch_order = order if order is not None and order.numel() else None
