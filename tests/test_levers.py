@@ -98,3 +98,7 @@ def test_the_average_is_of_the_last_epochs_run_and_survives_a_checkpoint(tmp_pat
     other = new_state(prep.model, prep.train, setup, {}, {})
     other.restore(snap, Dist())
     assert other.avg_epochs == [3, 4, 5] and torch.all(other.averaged()[w] == 4.0)
+    # a checkpoint written before the window (a running sum) starts the average afresh instead of failing at the end
+    snap["avg_sum"] = snap.pop("avg_window")[0]
+    other.restore(snap, Dist())
+    assert other.avg_window == [] and other.avg_epochs == []

@@ -133,7 +133,8 @@ class TrainState:
         self.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
         self.partial = tuple(json.loads(ckpt.get("partial", "[0, 0.0, 0]")))
         self.avg_window = [dict(w) for w in ckpt.get("avg_window", [])]
-        self.avg_epochs = json.loads(ckpt.get("avg_epochs", "[]"))
+        # a checkpoint from before the window (a running sum, "avg_sum") starts the average afresh
+        self.avg_epochs = json.loads(ckpt.get("avg_epochs", "[]")) if self.avg_window else []
         order = ckpt.get("epoch_order")
         self.epoch_order = order if order is not None and order.numel() else None
 
