@@ -98,10 +98,15 @@ def test_a_worker_that_dies_is_a_problem_for_its_file_only():
             except ImageError as e:
                 errors.append(e)
 
+        worker = _workers(other)[0]
+        busy = sum(worker.cpu_times()[:2])
         t = threading.Thread(target=slow)
         t.start()
-        time.sleep(0.3)  # inside the decode
-        _workers(other)[0].kill()
+        deadline = time.monotonic() + 10
+        # killed inside the decode: once the worker has spent 50 ms of CPU on it (a fixed sleep raced a fast decode)
+        while sum(worker.cpu_times()[:2]) < busy + 0.05 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        worker.kill()
         t.join(10)
         assert errors and errors[0].problem == "corrupt" and "SIGKILL" in errors[0].detail
         assert pool.square(GOOD, 32).shape == (32, 32, 3) and pool.stats["deaths"] == 1
