@@ -8,15 +8,20 @@ validation images are halved (stratified, `--repeats` random halvings): tau is c
 scored on the other, both ways round. Per rule and run: the out-of-half accuracy, balanced accuracy and macro-F1,
 averaged over halvings; over runs (seeds), each rule's paired difference against today's, mean ± standard error.
 
+With `--ordered` (classes whose sorted names are levels, such as ELPV's p000 < p033 < p067 < p100) one more rule is
+judged the same way: an ordinal decision in place of the argmax, the expected level (the calibrated probabilities
+times 0, 1/(k-1), ..., 1) cut at k-1 thresholds chosen by macro-F1 on one half (each from 0.05, 0.10, ..., 0.95).
+
 It also prints, per run, what each tau gives on the whole validation split (descriptive: chosen and scored on the
 same images), to show the trade between accuracy and balanced accuracy that the choice moves along. The kept
 epoch and temperature were chosen on these images too; the test split is never read.
 
-    python -m bench.posthoc RUN_DIR [RUN_DIR ...] [--repeats 50] [--json FILE]
+    python -m bench.posthoc RUN_DIR [RUN_DIR ...] [--repeats 50] [--ordered] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -55,6 +60,38 @@ def choose(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, metric: str
     return max(grid, key=lambda t: (got[t], -t))  # the smaller tau on ties, as choose_logit_bias
 
 
+ORDINAL = "ordinal cut points, macro_f1"
+CUTS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
+
+
+def expected_level(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The mean of the levels 0, 1/(k-1), ..., 1 under softmax(logits / temperature)."""
+    z = np.exp((logits - logits.max(1, keepdims=True)) / temperature)
+    return (z / z.sum(1, keepdims=True)) @ np.linspace(0, 1, logits.shape[1])
+
+
+def macro_f1_of(pred: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Macro-F1 over the classes present in y, as training.metrics counts it, from answers (fast: no probabilities)."""
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    tp, present = np.diag(cm), cm.sum(1) > 0
+    f1 = 2 * tp / np.maximum(cm.sum(1) + cm.sum(0), 1)
+    return float(f1[present].mean())
+
+
+def choose_cuts(level: np.ndarray, y: np.ndarray, k: int) -> tuple[float, ...]:
+    """The k-1 increasing thresholds on the expected level with the best macro-F1 (the lower ones on ties)."""
+    best, cuts = -1.0, CUTS[: k - 1]
+    for c in itertools.combinations(CUTS, k - 1):
+        f = macro_f1_of(np.searchsorted(c, level, side="right"), y, k)
+        if f > best:
+            best, cuts = f, c
+    return tuple(float(v) for v in cuts)
+
+
+def ordinal_scores(level: np.ndarray, y: np.ndarray, k: int, cuts) -> dict[str, float]:
+    return scores(np.log(np.eye(k)[np.searchsorted(cuts, level, side="right")] + 1e-9), y, k)
+
+
 def halves(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A stratified random half of the indices (a boolean mask)."""
     mask = np.zeros(len(y), bool)
@@ -64,10 +101,14 @@ def halves(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
-def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, repeats: int, seed: int = 0) -> dict:
+def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, repeats: int, seed: int = 0,
+                 level: np.ndarray | None = None) -> dict:
+    """Each rule chosen on one stratified half and scored on the other, averaged; with `level` (the expected level
+    of ordered classes, expected_level) the ordinal rule too ("tau" is then the mean of its cut points)."""
     rng = np.random.default_rng(seed)
     k = logits.shape[1]
-    out = {r: {m: [] for m in METRICS} | {"tau": []} for r in RULES}
+    rules = list(RULES) + ([ORDINAL] if level is not None else [])
+    out = {r: {m: [] for m in METRICS} | {"tau": []} for r in rules}
     for _ in range(repeats):
         a = halves(y, rng)
         for choose_on, score_on in ((a, ~a), (~a, a)):
@@ -77,6 +118,12 @@ def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, repea
                 for m in METRICS:
                     out[rule][m].append(s[m])
                 out[rule]["tau"].append(tau)
+            if level is not None:
+                cuts = choose_cuts(level[choose_on], y[choose_on], k)
+                s = ordinal_scores(level[score_on], y[score_on], k, cuts)
+                for m in METRICS:
+                    out[ORDINAL][m].append(s[m])
+                out[ORDINAL]["tau"].append(float(np.mean(cuts)))
     return {r: {m: float(np.mean(v)) for m, v in d.items()} for r, d in out.items()}
 
 
@@ -84,17 +131,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--repeats", type=int, default=50, help="random stratified halvings of each validation split")
+    ap.add_argument("--ordered", action="store_true", help="the classes' sorted names are levels: judge the ordinal "
+                    "rule (the expected level cut at thresholds) too")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rows = []
     for run in a.runs:
-        logits, y, classes, _ = val_logits(run)
+        logits, y, classes, pred = val_logits(run)
+        level = expected_level(logits, pred.temperature) if a.ordered else None
         m = json.loads((run / "metrics.json").read_text())
         counts = np.array([m["counts"]["train"][c] for c in classes], float)
         log_prior = np.log(counts / counts.sum())
         frontier = {float(t): scores(logits - t * log_prior, y, len(classes)) for t in WIDE}
         row = {"run": str(run), "n": len(y), "val_counts": np.bincount(y, minlength=len(classes)).tolist(),
-               "frontier": frontier, "rules": cross_fitted(logits, y, log_prior, a.repeats)}
+               "frontier": frontier, "rules": cross_fitted(logits, y, log_prior, a.repeats, level=level)}
         rows.append(row)
         print(f"{run.name}: validation n={len(y)} per class {row['val_counts']} (whole split, descriptive)")
         for t, s in frontier.items():
@@ -104,7 +154,7 @@ def main() -> None:
     print(f"\ncross-fitted (tau chosen on one stratified half, scored on the other; {a.repeats} halvings x 2), "
           f"mean over {len(rows)} runs, and each rule minus today's (paired over runs, mean ± se, points)")
     base = next(iter(RULES))
-    for rule in RULES:
+    for rule in rows[0]["rules"]:
         cells = []
         for metric in METRICS:
             v = np.array([r["rules"][rule][metric] for r in rows])
@@ -112,7 +162,8 @@ def main() -> None:
             se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
             cells.append(f"{metric} {v.mean():.3f}" + (f" ({d.mean():+.1f} ± {se:.1f})" if rule != base else ""))
         taus = np.mean([r["rules"][rule]["tau"] for r in rows])
-        print(f"{rule:32s} mean tau {taus:4.2f}  " + "  ".join(cells))
+        what = "mean cut" if rule == ORDINAL else "mean tau"
+        print(f"{rule:32s} {what} {taus:4.2f}  " + "  ".join(cells))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,37 @@ def test_posthoc_cross_fitting_chooses_on_one_half_and_scores_the_other():
     assert out["balanced_accuracy, 0-3"]["balanced_accuracy"] > out["none (tau 0)"]["balanced_accuracy"] + 0.1
 
 
+def test_posthoc_ordinal_rule_cuts_the_expected_level_and_finds_a_rare_middle_class():
+    """bench/posthoc.py --ordered: the expected level cut at thresholds chosen on one half finds a middle class whose
+    logit never wins the argmax, where no logit adjustment of today's grid does; its macro-F1 is training.metrics'."""
+    import numpy as np
+
+    from bench import posthoc
+    from training.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2, 3], [200, 60, 30, 100])
+    # the middle class 2's images put their mass on its neighbours 1 and 3, never on 2 itself (a gap no logit
+    # adjustment of today's grid closes: at most 1.5 x log(200 / 30) = 2.8): the argmax never answers 2, but their
+    # expected level, about (1/3 + 1) / 2, sits between class 1's and class 3's
+    base = np.array([[4.0, 0, 0, 0], [0, 4, 0, 0], [0, 3, -4, 3], [0, 0, 0, 4]])
+    logits = base[y] + rng.normal(0, 0.5, (len(y), 4))
+    log_prior = np.log(np.bincount(y) / len(y))
+    level = posthoc.expected_level(logits)
+    assert level.shape == y.shape and 0 <= level.min() and level.max() <= 1
+    cuts = posthoc.choose_cuts(level, y, 4)
+    assert list(cuts) == sorted(cuts) and len(cuts) == 3
+    pred = np.searchsorted(cuts, level, side="right")
+    assert np.mean(pred[y == 2] == 2) > 0.5
+    for p in (pred, rng.integers(0, 4, len(y))):
+        assert posthoc.macro_f1_of(p, y, 4) == pytest.approx(
+            classification_metrics(np.eye(4)[p], y, list("0123"))["macro_f1"])
+    out = posthoc.cross_fitted(logits, y, log_prior, repeats=2, level=level)
+    best_tau = max(out[r]["balanced_accuracy"] for r in posthoc.RULES)
+    assert out[posthoc.ORDINAL]["balanced_accuracy"] > best_tau + 0.05
+    assert posthoc.ORDINAL not in posthoc.cross_fitted(logits, y, log_prior, repeats=1)
+
+
 def test_quality_reuse_takes_a_seed_from_the_json_file_when_its_folder_is_gone(tmp_path, monkeypatch):
     """bench.quality --reuse: a seed recorded in the --json file is not run again once the run folders are gone (a new
     machine), and only rows of the same task, side and flags count."""
