@@ -106,6 +106,15 @@ def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "--device", "cpu", "--out", str(out), *extra]
 
 
+def test_a_fresh_run_over_an_earlier_runs_checkpoint_says_it_replaces_it(shapes_dir, tiny_config, capsys):
+    """Forgetting --resume over a stopped run loses its progress at the first epoch's end: the log says so first,
+    and says nothing where the folder holds no checkpoint."""
+    first = fit(tiny_config(shapes_dir, epochs=1, patience=0))
+    assert "earlier run's checkpoint" not in capsys.readouterr().err
+    fit(tiny_config(shapes_dir, epochs=1, patience=0, out=str(first.run_dir)))
+    assert f"{first.run_dir / 'last.pt'} is an earlier run's checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     data = make_shapes_folder(tmp_path / "data", n=150)

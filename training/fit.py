@@ -122,6 +122,9 @@ def settle_flips(probe: dict[str, Any], setup: TrainSetup) -> None:
 
 def read_resume(cfg: TrainConfig, ckpt_path: Path, manifest: Manifest) -> dict[str, Any] | None:
     if not cfg.resume:
+        if ckpt_path.is_file():  # a stopped run's progress, gone after this run's first epoch: say so before
+            log(f"{ckpt_path} is an earlier run's checkpoint: this run starts afresh and replaces it "
+                "(--resume would continue that run instead)")
         return None
     if not ckpt_path.is_file():
         log(f"--resume: no checkpoint at {ckpt_path}, starting from the beginning")
