@@ -49,8 +49,12 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 def scores(logits: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
     """accuracy, balanced accuracy and macro-F1 of the logits' answers, as training.metrics defines them."""
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    m = classification_metrics(z / z.sum(1, keepdims=True), y, [str(i) for i in range(k)])
+    return answer_scores(logits.argmax(1), y, k)
+
+
+def answer_scores(pred: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
+    """The same from the answers themselves (these three metrics depend on nothing else)."""
+    m = classification_metrics(np.eye(k)[pred], y, [str(i) for i in range(k)])
     return {name: float(m[name]) for name in METRICS}
 
 
@@ -78,18 +82,19 @@ def macro_f1_of(pred: np.ndarray, y: np.ndarray, k: int) -> float:
     return float(f1[present].mean())
 
 
+def ordinal_answers(level: np.ndarray, cuts) -> np.ndarray:
+    """The class of each expected level: how many of the increasing cut points it reaches."""
+    return np.searchsorted(cuts, level, side="right")
+
+
 def choose_cuts(level: np.ndarray, y: np.ndarray, k: int) -> tuple[float, ...]:
     """The k-1 increasing thresholds on the expected level with the best macro-F1 (the lower ones on ties)."""
     best, cuts = -1.0, CUTS[: k - 1]
     for c in itertools.combinations(CUTS, k - 1):
-        f = macro_f1_of(np.searchsorted(c, level, side="right"), y, k)
+        f = macro_f1_of(ordinal_answers(level, c), y, k)
         if f > best:
             best, cuts = f, c
     return tuple(float(v) for v in cuts)
-
-
-def ordinal_scores(level: np.ndarray, y: np.ndarray, k: int, cuts) -> dict[str, float]:
-    return scores(np.log(np.eye(k)[np.searchsorted(cuts, level, side="right")] + 1e-9), y, k)
 
 
 def halves(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -120,7 +125,7 @@ def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, repea
                 out[rule]["tau"].append(tau)
             if level is not None:
                 cuts = choose_cuts(level[choose_on], y[choose_on], k)
-                s = ordinal_scores(level[score_on], y[score_on], k, cuts)
+                s = answer_scores(ordinal_answers(level[score_on], cuts), y[score_on], k)
                 for m in METRICS:
                     out[ORDINAL][m].append(s[m])
                 out[ORDINAL]["tau"].append(float(np.mean(cuts)))
