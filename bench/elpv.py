@@ -59,17 +59,12 @@ def make_task(task: str, dest: Path, src: Path | None = None, suffix: str = "") 
         from pupil.demo import elpv_root
 
         src = elpv_root()
+    from pupil.demo import linked_tree
+
     rows = labels(src)
     test = test_files(rows)
-    done = dest / ".complete"
-    if done.is_file():
-        return dest
-    for rel, prob, kind in rows:
-        name = Path(rel).with_suffix(suffix).name if suffix else Path(rel).name
-        split = "test" if rel in test else "train"
-        link = dest / split / label_of(task, prob, kind) / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to((src / rel).with_suffix(suffix) if suffix else src / rel)
-    done.write_text("ELPV data set, CC BY-NC-SA 4.0\n")
-    return dest
+    pairs = (((Path(rel).with_suffix(suffix) if suffix else Path(rel)).as_posix(),
+              f"{'test' if rel in test else 'train'}/{label_of(task, prob, kind)}/"
+              f"{Path(rel).with_suffix(suffix).name if suffix else Path(rel).name}")
+             for rel, prob, kind in rows)
+    return linked_tree(dest, src, pairs, "ELPV data set, CC BY-NC-SA 4.0")

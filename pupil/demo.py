@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from training.cache import default_cache_dir
@@ -34,7 +36,12 @@ def elpv_labels() -> list[tuple[str, float, str]]:
 
 
 def link(src: Path, dst: Path) -> None:
-    if dst.exists():
+    """dst -> src; a link left pointing elsewhere (an earlier install's files) is replaced, a copy is kept."""
+    if dst.is_symlink():
+        if os.readlink(dst) == str(src):
+            return
+        dst.unlink()
+    elif dst.exists():
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -43,17 +50,25 @@ def link(src: Path, dst: Path) -> None:
         dst.write_bytes(src.read_bytes())
 
 
+def linked_tree(dest: Path, src: Path, pairs: Iterable[tuple[str, str]], note: str) -> Path:
+    """Link dest/<to> -> src/<from> for every (from, to) pair, once: a marker names the source, so a tree whose
+    links point into another install (a deleted virtual environment, a moved clone) is relinked, not trusted."""
+    src, done = src.resolve(), dest / ".complete"
+    stamp = f"{note}\nsource: {src}\n"
+    if done.is_file() and done.read_text() == stamp:
+        return dest
+    for frm, to in pairs:
+        link(src / frm, dest / to)
+    done.write_text(stamp)
+    return dest
+
+
 def materialise_elpv(dest: Path | None = None) -> Path:
     """Link the ELPV images into dest/{functional,defective}/ (idempotent); return dest."""
-    src = elpv_root()
     dest = Path(dest or default_cache_dir() / "demo" / "elpv")
-    done = dest / ".complete"
-    if done.is_file():
-        return dest
-    for rel, prob, kind in elpv_labels():
-        link(src / rel, dest / ("defective" if prob >= 0.5 else "functional") / f"{kind}_{Path(rel).name}")
-    done.write_text("ELPV data set, CC BY-NC-SA 4.0, https://github.com/zae-bayern/elpv-dataset\n")
-    return dest
+    pairs = ((rel, f"{'defective' if prob >= 0.5 else 'functional'}/{kind}_{Path(rel).name}")
+             for rel, prob, kind in elpv_labels())
+    return linked_tree(dest, elpv_root(), pairs, "ELPV data set, CC BY-NC-SA 4.0, https://github.com/zae-bayern/elpv-dataset")
 
 
 def post_image(url: str, path: Path, field: str = "image") -> tuple[int, dict]:
