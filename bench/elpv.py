@@ -18,16 +18,6 @@ from pathlib import Path
 TASKS = ("binary", "fourclass", "type")
 
 
-def labels(src: Path) -> list[tuple[str, float, str]]:
-    """(relative image path, defect probability, module type) from labels.csv under src."""
-    rows = []
-    for line in (src / "labels.csv").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3:
-            rows.append((parts[0], float(parts[1]), parts[2]))
-    return rows
-
-
 def label_of(task: str, prob: float, kind: str) -> str:
     if task == "binary":
         return "defective" if prob >= 0.5 else "functional"
@@ -55,16 +45,15 @@ def test_files(rows: list[tuple[str, float, str]], fraction: float = 0.25, seed:
 def make_task(task: str, dest: Path, src: Path | None = None, suffix: str = "") -> Path:
     """dest/{train,test}/<class>/<file> linked to the images under src (default: the installed elpv-dataset).
     suffix: the images' extension where a copy stores them differently (the GPU run carries them as .jpg)."""
-    if src is None:
-        from pupil.demo import elpv_root
+    from pupil.demo import elpv_labels, elpv_root, linked_tree
 
-        src = elpv_root()
-    from pupil.demo import linked_tree
-
-    rows = labels(src)
+    src = src or elpv_root()
+    rows = elpv_labels(src)
     test = test_files(rows)
-    pairs = (((Path(rel).with_suffix(suffix) if suffix else Path(rel)).as_posix(),
-              f"{'test' if rel in test else 'train'}/{label_of(task, prob, kind)}/"
-              f"{Path(rel).with_suffix(suffix).name if suffix else Path(rel).name}")
-             for rel, prob, kind in rows)
+
+    def pair(rel: str, prob: float, kind: str) -> tuple[str, str]:
+        stored = Path(rel).with_suffix(suffix) if suffix else Path(rel)
+        return stored.as_posix(), f"{'test' if rel in test else 'train'}/{label_of(task, prob, kind)}/{stored.name}"
+
+    pairs = (pair(*row) for row in rows)
     return linked_tree(dest, src, pairs, "ELPV data set, CC BY-NC-SA 4.0")

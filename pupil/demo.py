@@ -25,10 +25,11 @@ def elpv_root() -> Path:
     return Path(elpv_dataset.__file__).parent / "data"
 
 
-def elpv_labels() -> list[tuple[str, float, str]]:
-    """(relative image path, defect probability, module type) for every ELPV image."""
+def elpv_labels(root: Path | None = None) -> list[tuple[str, float, str]]:
+    """(relative image path, defect probability, module type) for every ELPV image, from labels.csv under root
+    (default: the installed package's; a copy such as the GPU run's carries its own)."""
     rows = []
-    for line in (elpv_root() / "labels.csv").read_text().splitlines():
+    for line in ((root or elpv_root()) / "labels.csv").read_text().splitlines():
         parts = line.split()
         if len(parts) >= 3:
             rows.append((parts[0], float(parts[1]), parts[2]))
