@@ -8,6 +8,7 @@ calibrate -> (test, once) -> write.
       config.yaml     the resolved TrainConfig: `pupil train --config runs/NAME/config.yaml` repeats the run
       last.pt         the fine-tune's state after the last finished epoch (`--resume` continues from it)
       tb/             TensorBoard events (loss, accuracy, learning rate, images/s)
+      earlier-run/    an earlier run's results, set aside when a fresh run starts in a folder that held them
 
 Every choice (the probe's head, the epoch kept, the temperature, the abstention threshold) is made on the validation
 split. A test split (DATA/test) is sacred: it is decoded with the rest but used once, after everything is chosen, and
@@ -34,7 +35,7 @@ from .data import ImageSet
 from .manifest import Manifest
 from .distributed import log
 from .finish import RunResult, finish
-from .interrupt import Interrupted, run_lock, stop_signals
+from .interrupt import Interrupted, run_lock, set_aside_earlier, stop_signals
 from .label_issues import drop_from_training
 from .loop import TrainSetup, WarmupCosine, evaluate, param_groups, steps_per_epoch, train_one_epoch
 from .prepare import DataError, Prepared, start
@@ -66,6 +67,8 @@ def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
     resumed = read_resume(cfg, ckpt_path, prep.manifest)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            set_aside_earlier(run_dir)
         prep.manifest.save_split(run_dir / "split.json")
     if resumed is not None:
         probe, lr_found = json.loads(resumed["probe"]), json.loads(resumed["lr_find"])
