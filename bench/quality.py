@@ -67,7 +67,15 @@ def figures(out: Path, wall: float, reused: bool = False) -> dict:
     t = m["test"]
     return {"accuracy": t["accuracy"], "balanced_accuracy": t["balanced_accuracy"], "macro_f1": t["macro_f1"],
             "ece": t["ece"], "wall_s": wall, "best_epoch": m["best_epoch"], "val_accuracy": m["val"]["accuracy"],
-            "seed": m.get("reproducibility", {}).get("seed"), "reused": reused}
+            "seed": m.get("reproducibility", {}).get("seed"), "reused": reused, "img_size": ran_at(out)}
+
+
+def ran_at(out: Path) -> int | None:
+    """The input size the run resolved (its config.yaml; --img-size auto picks by the images), None if unknown."""
+    cfg = out / "config.yaml"
+    size = [ln.split(":", 1)[1].strip() for ln in (cfg.read_text().splitlines() if cfg.is_file() else [])
+            if ln.startswith("img_size:")]
+    return int(size[0]) if size and size[0].isdigit() else None
 
 
 def recorded_runs(rows: list[dict], task: str, name: str, extra: str) -> dict[int, dict]:
@@ -93,7 +101,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="take a run's figures from its folder where it already finished (its wall time is then the "
                          "run's own, without the process start), else from the --json file's row for it, so seeds "
-                         "can be added one session at a time")
+                         "can be added one session at a time; a folder is taken as it is, whatever code made it, so "
+                         "after a change of defaults give a new --label (each row records its img_size)")
     args = ap.parse_args()
     if args.extra and not args.label:
         ap.error("--extra needs --label: the runs would otherwise take the folders of the plain runs")

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 from bench.common import read_jsonl
-from bench.quality import ROOT, WORK, task_folder
+from bench.quality import ROOT, WORK, ran_at, task_folder
 
 TODAY = ["--crop", "rrc", "--crop-scale", "0.35", "--eval-crop", "0.875", "--backbone-lr", "0.1",
-         "--freeze-stages", "0", "--amp", "off", "--epochs", "10", "--label-smoothing", "0.1"]
+         "--freeze-stages", "0", "--amp", "off", "--epochs", "10", "--label-smoothing", "0.1", "--img-size", "224"]
 NEW = ["--crop", "affine", "--eval-crop", "1", "--backbone-lr", "0.3", "--freeze-stages", "2", "--amp", "auto",
-       "--epochs", "10", "--label-smoothing", "0.1"]
+       "--epochs", "10", "--label-smoothing", "0.1", "--img-size", "224"]  # 224: the size before --img-size auto
 
 
 def variant(base: list[str], **changes: str) -> list[str]:
@@ -81,19 +81,30 @@ CANDIDATES: dict[str, list[str]] = {
     # the preset for the issue's 60-minute target (training/config.py PRESETS), against the defaults
     "best": ["--preset", "best"],
     # round 2 of the GPU study (bench/gpu_study.py ROUND2_ON_E20) on this CPU, one at a time: round 1's trades and
-    # near-wins on top of today's defaults (20 epochs since round 1), each paired with "default"
+    # near-wins on top of the defaults of the time (20 epochs, 224 px), each paired with "default". The "default"
+    # rows of the round-2 files (bench/results/*-round2.jsonl) ran before --img-size auto, at 224 px on ELPV (each
+    # row made since records its "img_size"); round 2's levers still to run pin 224 px so that they pair with them.
+    # Anything on today's defaults (288 px on ELPV) goes into new files, where "default" is today's.
     "default-avg3": ["--average-last", "3"],
     "default-res288": ["--img-size", "288"],
     "default-lite2-300": ["--model", "efficientnet_lite2", "--img-size", "300"],
-    "default-balance-loss": ["--balance", "loss"],
-    "default-drop-issues": ["--drop-label-issues"],
+    "default-balance-loss": ["--balance", "loss", "--img-size", "224"],
+    "default-drop-issues": ["--drop-label-issues", "--img-size", "224"],
+    # under --time-limit auto keeps 224 px: 288 px there, paired with "default-tl10"
+    "default-tl10-res288": ["--time-limit", "10", "--img-size", "288"],
+    # round 3: levers on today's defaults (--img-size auto: 288 px on ELPV), in new results files, paired with the
+    # "default" rows made there
+    "r3-drop-issues": ["--drop-label-issues"],
+    "r3-balance-loss": ["--balance", "loss"],
+    "r3-lite2-300": ["--model", "efficientnet_lite2", "--img-size", "300"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # each candidate is paired with the baseline of its kind: the study's fine-tunes with "today", probes with today's
 # probe, today's defaults' variants with the defaults run the same way (plain or under the same --time-limit)
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
             "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
-            "default-tl10-nopatience": "default-tl10", "best": "default",
+            "default-tl10-nopatience": "default-tl10", "default-tl10-res288": "default-tl10", "best": "default",
+            "r3-drop-issues": "default", "r3-balance-loss": "default", "r3-lite2-300": "default",
             **{c: "default" for c in ("default-avg3", "default-res288", "default-lite2-300", "default-balance-loss",
                                       "default-drop-issues")}}
 
@@ -119,10 +130,12 @@ def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None
 
 
 def run_figures(out: Path) -> dict:
-    """A finished run's validation figures, as the study's rows keep them (its metrics.json)."""
+    """A finished run's validation figures, as the study's rows keep them (its metrics.json), and the input size it
+    ran at (config.yaml: --img-size auto resolved)."""
     m = json.loads((out / "metrics.json").read_text())
     v = m["val"]
-    return {"val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
+    return {"img_size": ran_at(out),
+            "val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
             "val_macro_f1": v["macro_f1"], "val_n": v["n"], "kept": m.get("kept"), "flips": m.get("flips"),
             "epochs_run": m["epochs_run"], "train_images_per_s": m["train_images_per_s"],
             "phases": m.get("phases"), "cached_views_info": m.get("cached_views"), **finetune_figures(m)}

@@ -102,3 +102,26 @@ def test_the_average_is_of_the_last_epochs_run_and_survives_a_checkpoint(tmp_pat
     snap["avg_sum"] = snap.pop("avg_window")[0]
     other.restore(snap, Dist())
     assert other.avg_window == [] and other.avg_epochs == []
+
+
+def test_auto_input_size_is_288_only_for_large_images_on_the_default_model(tmp_path):
+    """--img-size auto (0): 288 px where the training images' median shorter side is 288 px or more, recorded in the
+    config a --config rerun reads; the model's 224 px for smaller images, under a --time-limit, for the probe alone
+    (--preset fast), and when told."""
+    from training.prepare import start
+
+    big = make_shapes_folder(tmp_path / "big", n=6, size=(320, 300))
+    small = make_shapes_folder(tmp_path / "small", n=6, size=(320, 200))
+    base = dict(LITE, img_size=0)
+    setup, prep = start(TrainConfig(data=str(big), out=str(tmp_path / "a"), **base))
+    assert prep.spec.input_size == 288 and setup.cfg.img_size == 288
+    assert prep.train.cache.images.shape[1] >= 288  # decoded for 288 px, not 224
+    _, prep = start(TrainConfig(data=str(big), out=str(tmp_path / "c"), resume=True, **base))  # nothing to resume
+    assert prep.spec.input_size == 288
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "last.pt").write_bytes(b"")  # a checkpoint from before auto: its config said 0, i.e. 224
+    _, prep = start(TrainConfig(data=str(big), out=str(tmp_path / "c"), resume=True, **base))
+    assert prep.spec.input_size == 224
+    for data, extra in ((small, {}), (big, {"time_limit": 10.0}), (big, {"img_size": 256}), (big, {"stages": "probe"})):
+        setup, prep = start(TrainConfig(data=str(data), out=str(tmp_path / "b"), **{**base, **extra}))
+        assert prep.spec.input_size == (extra.get("img_size") or 224), (data.name, extra)

@@ -14,6 +14,16 @@ e20 against new), digits +0.6 ± 0.1, faces 0.0 ± 1.9, ELPV type 0.0 ± 0.0 (ev
 20. Early stopping (--patience 5) ends a run that stopped improving, so an easy set pays less than double (ELPV type
 stopped after 6-10 epochs either way; digits ran 13, 18 and 20 of 20).
 
+--img-size auto (0) means 288 px for the default model fine-tuned without --time-limit on images whose median shorter
+side is at least 288 px (training/prepare.py auto_img_size), by the same rule on validation splits only, with today's
+20-epoch defaults as the baseline (each seed its own split; BENCHMARKS.md, "Round 2 on this CPU"): ELPV 4-class
+balanced accuracy +3.1 ± 2.7 and macro-F1 +2.0 ± 1.5 points over 5 seeds (bench/results/fourclass-round2.jsonl,
+default-res288 against default), ELPV binary balanced +1.4 ± 1.0, accuracy +0.4 ± 0.5 over 3 seeds
+(bench/results/binary-round2.jsonl), ELPV type accuracy -0.08 ± 0.08 (one image of 394 on one seed; a loss of one
+error, not more: bench/results/type-round2.jsonl); digits (32 px) and faces (100 px) are below the threshold and
+unchanged. Under --time-limit the 224 px measured there stays (288 px would fit fewer
+epochs; not measured yet).
+
 The command line is generated from these fields (pupil/cli.py): the flag is the field's name with dashes, the help is
 the field's `help` metadata, and `choices`, `or_word` (a number or a word, e.g. `--lr auto`) and `bare` (the value a
 flag given without one means, e.g. a bare `--ema`) say how it parses. The resolved config is saved in the run as
@@ -72,8 +82,10 @@ class TrainConfig:
     epochs: int = opt(20, "fine-tune epochs (the most; early stopping and --time-limit may run fewer; 20 won over 10 "
                           "on validation: BENCHMARKS.md, Recipe study on a lent GPU)")
     probe_epochs: int = opt(100, "full-batch steps of the linear probe on cached features")
-    img_size: int = opt(0, "input size in pixels (0: the model's default, 224 for efficientnet_lite0, 128 for "
-                           "small_cnn)")
+    img_size: int = opt(0, "input size in pixels (0: auto, the model's default, 224 for efficientnet_lite0, 128 for "
+                           "small_cnn; but 288 for efficientnet_lite0 fine-tuned without --time-limit on images whose "
+                           "median shorter side is 288 px or more: it won on ELPV on validation, BENCHMARKS.md, Round 2 "
+                           "on this CPU; an epoch costs 1.7-1.8x)")
     batch_size: int = opt(0, "images per step per process (under torchrun the global batch is this times the "
                              "number of processes), or auto (0): 32 on a CPU; on CUDA a power of two from the data (a "
                              "sixteenth of the training set, 32 to 512), halved until a step fits, the learning rate "
