@@ -117,8 +117,9 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoint_says_it_replaces_it(shapes_
 
 def test_a_fresh_run_sets_an_earlier_runs_results_aside_and_keeps_foreign_files(shapes_dir, tiny_config, capsys,
                                                                                  monkeypatch):
-    """Until a fresh run into a used folder finishes (or when it fails), nothing of the earlier run's results may pass
-    for its own: they move into earlier-run/, a user's own files stay, and the next fresh run replaces earlier-run/."""
+    """Until a fresh run into a used folder finishes (or when it fails), nothing of the earlier run's record may pass
+    for its own: it moves into earlier-run/ (the model stays until replaced), a user's own files stay, and the next
+    fresh run replaces earlier-run/."""
     first = fit(tiny_config(shapes_dir, epochs=1, patience=0))
     run = first.run_dir
     (run / "notes.txt").write_text("mine")
@@ -132,15 +133,16 @@ def test_a_fresh_run_sets_an_earlier_runs_results_aside_and_keeps_foreign_files(
     monkeypatch.setattr(fit_module, "train_epochs", fails)
     with pytest.raises(RuntimeError):
         fit(tiny_config(shapes_dir, epochs=1, patience=0, out=str(run), seed=1))
-    assert not (run / "metrics.json").exists() and not (run / "model").exists() and not (run / "report.html").exists()
+    assert not (run / "metrics.json").exists() and not (run / "report.html").exists()
     assert json.loads((run / "earlier-run" / "metrics.json").read_text()) == before
+    assert (run / "model" / "model.safetensors").is_file()  # the earlier model stays until replaced
     monkeypatch.undo()
     assert "moved into" in capsys.readouterr().err
     second = fit(tiny_config(shapes_dir, epochs=1, patience=0, out=str(run), seed=1))
     assert "an unfinished run's files (split.json, config.yaml): deleted" in capsys.readouterr().err
     earlier = run / "earlier-run"  # the failed attempt did not push the finished run out
     assert json.loads((earlier / "metrics.json").read_text()) == before
-    assert (earlier / "model" / "model.safetensors").is_file() and (earlier / "eval-photos").is_dir()
+    assert (earlier / "report.html").is_file() and (earlier / "eval-photos").is_dir()
     assert (run / "notes.txt").read_text() == "mine" and not (run / "eval-photos").exists()
     assert json.loads((run / "metrics.json").read_text()) == second.metrics != before
     fit(tiny_config(shapes_dir, epochs=1, patience=0, out=str(run), seed=2))

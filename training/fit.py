@@ -8,7 +8,7 @@ calibrate -> (test, once) -> write.
       config.yaml     the resolved TrainConfig: `pupil train --config runs/NAME/config.yaml` repeats the run
       last.pt         the fine-tune's state after the last finished epoch (`--resume` continues from it)
       tb/             TensorBoard events (loss, accuracy, learning rate, images/s)
-      earlier-run/    an earlier run's results, set aside when a fresh run starts in a folder that held them
+      earlier-run/    an earlier run's record (not its model), set aside when a fresh run starts in its folder
 
 Every choice (the probe's head, the epoch kept, the temperature, the abstention threshold) is made on the validation
 split. A test split (DATA/test) is sacred: it is decoded with the rest but used once, after everything is chosen, and

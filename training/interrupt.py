@@ -86,19 +86,20 @@ def run_lock(run_dir, main: bool = True) -> Iterator[None]:
             path.parent.rmdir()
 
 
-# what a finished (or stopped) run leaves in its folder, besides last.pt; `pupil evaluate`'s eval-<folder>/ too
-RESULTS = ("metrics.json", "model", "report.html", "split.json", "config.yaml", "lr_find.png", "curves.png",
-           "confusion.png", "reliability.png", "label_issues.csv", "label_issues", "tb")
+# what a finished (or stopped) run leaves in its folder besides model/ and last.pt; `pupil evaluate`'s eval-<folder>/
+RESULTS = ("metrics.json", "report.html", "split.json", "config.yaml", "lr_find.png", "curves.png", "confusion.png",
+           "reliability.png", "label_issues.csv", "label_issues", "tb")
 EARLIER, EARLIER_MARK = "earlier-run", ".set-aside-by-pupil-train"
 
 
 def set_aside_earlier(run_dir) -> list[str]:
-    """A fresh run into a folder that holds an earlier run's results (metrics.json or model/) moves them into
-    run_dir/earlier-run/ first (the results set aside before that are deleted), so that no report, model or
-    metrics.json of the earlier run passes for this one's while it trains or after it fails. A stopped or failed
-    run's leftovers (no results: its split, config, plots, TensorBoard events) are deleted instead, so that a failed
-    attempt never pushes the last finished run out. Only pupil's own names are touched: a folder of other things
-    (--out .) keeps them; last.pt stays (fit says it is replaced after the first epoch; --resume continues it).
+    """A fresh run into a folder that holds a finished run's record (metrics.json) moves it, with its report, split,
+    config, plots and evaluations, into run_dir/earlier-run/ first (the one set aside before that is deleted), so
+    that none of them passes for this run's while it trains or after it fails. The artifact (model/) stays where it
+    is until this run's finish replaces it atomically: a run that fails leaves the earlier model in place, serving.
+    A stopped or failed run's leftovers (no metrics.json) are deleted instead, so that a failed attempt never pushes
+    the last finished run's record out. Only pupil's own names are touched: a folder of other things (--out .) keeps
+    them; last.pt stays (fit says it is replaced after the first epoch; --resume continues it).
     Returns the names moved or deleted."""
     import shutil
     import time
@@ -109,7 +110,7 @@ def set_aside_earlier(run_dir) -> list[str]:
     found += sorted(p.name for p in run_dir.glob("eval-*") if (p / "metrics.json").is_file())
     if not found:
         return []
-    if not {"metrics.json", "model"} & set(found):
+    if "metrics.json" not in found:
         for n in found:
             shutil.rmtree(run_dir / n) if (run_dir / n).is_dir() else (run_dir / n).unlink()
         log(f"{run_dir} held an unfinished run's files ({', '.join(found)}): deleted")
@@ -120,12 +121,12 @@ def set_aside_earlier(run_dir) -> list[str]:
     elif dest.exists():  # not ours: leave it, and set aside beside it
         dest = run_dir / f"{EARLIER}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.mkdir()
-    (dest / EARLIER_MARK).write_text("an earlier run's results, moved here when a fresh run started in the folder "
+    (dest / EARLIER_MARK).write_text("an earlier run's record, moved here when a fresh run started in the folder "
                                      "above; the next finished run's move replaces this folder\n")
     for n in found:
         (run_dir / n).rename(dest / n)
     log(f"{run_dir} held an earlier run's results ({', '.join(found)}): moved into {dest} so that none of them "
-        "passes for this run's")
+        "passes for this run's (its model/ stays until this run's replaces it)")
     return found
 
 
