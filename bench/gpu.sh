@@ -23,10 +23,11 @@ from bench.elpv import test_files
 from pupil.demo import elpv_labels, elpv_root
 # one stored zip, not 2,000 files: what a call carries is counted with each file's overhead
 src = elpv_root()
-skip = set() if os.environ.get("ELPV_TEST") == "1" else test_files(elpv_labels(src))
+rows = elpv_labels(src)
+skip = set() if os.environ.get("ELPV_TEST") == "1" else test_files(rows)
 with zipfile.ZipFile(".gpu/elpv.zip", "w", zipfile.ZIP_STORED) as z:
     z.writestr("labels.csv", (src / "labels.csv").read_bytes())
-    for rel, _, _ in elpv_labels(src):
+    for rel, _, _ in rows:
         if rel not in skip:  # optimize, progressive: smaller coding, the same pixels
             buf = io.BytesIO()
             Image.open(src / rel).convert("L").save(buf, "JPEG", quality=90, optimize=True, progressive=True)

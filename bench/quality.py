@@ -72,10 +72,10 @@ def figures(out: Path, wall: float, reused: bool = False) -> dict:
 
 def ran_at(out: Path) -> int | None:
     """The input size the run resolved (its config.yaml; --img-size auto picks by the images), None if unknown."""
+    from training.config import TrainConfig
+
     cfg = out / "config.yaml"
-    size = [ln.split(":", 1)[1].strip() for ln in (cfg.read_text().splitlines() if cfg.is_file() else [])
-            if ln.startswith("img_size:")]
-    return int(size[0]) if size and size[0].isdigit() else None
+    return TrainConfig.read_file(cfg).get("img_size") if cfg.is_file() else None
 
 
 def recorded_runs(rows: list[dict], task: str, name: str, extra: str) -> dict[int, dict]:
