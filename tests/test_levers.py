@@ -125,3 +125,4 @@ def test_auto_input_size_is_288_only_for_large_images_on_the_default_model(tmp_p
     for data, extra in ((small, {}), (big, {"time_limit": 10.0}), (big, {"img_size": 256}), (big, {"stages": "probe"})):
         setup, prep = start(TrainConfig(data=str(data), out=str(tmp_path / "b"), **{**base, **extra}))
         assert prep.spec.input_size == (extra.get("img_size") or 224), (data.name, extra)
+        assert setup.cfg.img_size == prep.spec.input_size  # the size that ran, not 0, goes into config.yaml

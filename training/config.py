@@ -236,7 +236,8 @@ class TrainConfig:
         return cls(**with_preset(cls.read_file(path)))
 
     def save(self, path: Path, asked: "TrainConfig | None" = None) -> None:
-        """config.yaml: every setting as it ran (each "auto" as what it chose: batch size, lr, flips, balance), so
+        """config.yaml: every setting as it ran (each "auto" as what it chose: batch size, lr, flips, balance, input
+        size), so
         `pupil train --config` on it repeats the run rather than deciding again; under `asked`, the value given for
         each setting that a choice replaced (read back, it is shown, not used)."""
         import yaml

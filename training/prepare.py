@@ -86,6 +86,7 @@ def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
         cfg.img_size = chose[0]
         log(f"input size {chose[0]} px (auto): {chose[1]}")
     model, spec = create_model(cfg.model, len(classes), cfg.pretrained, img_size=cfg.img_size or None, **extra)
+    cfg.img_size = spec.input_size  # config.yaml holds the size that ran, so --config repeats it whatever auto becomes
     if cfg.eval_crop:
         spec.crop_pct = cfg.eval_crop  # travels into the artifact: serving crops exactly as validation did
     frozen = freeze_early(model, cfg.freeze_stages) if cfg.freeze_stages and not cfg.from_scratch else 0
