@@ -237,9 +237,8 @@ class TrainConfig:
 
     def save(self, path: Path, asked: "TrainConfig | None" = None) -> None:
         """config.yaml: every setting as it ran (each "auto" as what it chose: batch size, lr, flips, balance, input
-        size), so
-        `pupil train --config` on it repeats the run rather than deciding again; under `asked`, the value given for
-        each setting that a choice replaced (read back, it is shown, not used)."""
+        size), so `pupil train --config` on it repeats the run rather than deciding again; under `asked`, the value
+        given for each setting that a choice replaced (read back, it is shown, not used)."""
         import yaml
 
         ran = {k: v for k, v in asdict(self).items() if k != "resume"}
