@@ -376,7 +376,8 @@ def recipe() -> dict:
 @step("study")
 def study_step() -> dict:
     """bench/gpu_study.py: the recipe study's candidates on the full path, 3 seeds (STUDY_ROUND 1: every candidate
-    on ELPV 4-class then binary; 2: round 1's winner confirmed on the other tasks and combined with the runners-up);
+    on ELPV 4-class then binary; 2: round 1's winner confirmed on the other tasks and combined with the runners-up;
+    3: one change at a time from today's defaults, 288 px on ELPV);
     rows in $OUT/study-gpu.jsonl as each run ends. It stops starting runs STUDY_SECONDS after it began (420)."""
     from bench import gpu_study
     from bench.elpv import make_task
@@ -388,7 +389,7 @@ def study_step() -> dict:
     folders = {t: make_task(t.split("-", 1)[1], WORK / t, ELPV, suffix=".jpg") if t.startswith("elpv-")
                else ELPV.parent / t for t in tasks}
     OUT.mkdir(parents=True, exist_ok=True)
-    results = OUT / ("study-gpu.jsonl" if round_ == 1 else "study-gpu2.jsonl")
+    results = OUT / ("study-gpu.jsonl" if round_ == 1 else f"study-gpu{round_}.jsonl")
     import torch
 
     t_end = time.monotonic() + float(os.environ.get("STUDY_SECONDS", "420"))

@@ -40,11 +40,28 @@ ROUND2_ON_E20 = {
 }
 for _name, _flags in ROUND2_ON_E20.items():
     recipe.CANDIDATES[f"study-{_name}"] = recipe.NEW + _flags
+# Round 3 (STUDY_ROUND=3): one change at a time from today's defaults as a user gets them (no flag pinned: 20 epochs,
+# --img-size auto, i.e. 288 px on ELPV's 300 px cells), each paired with "r3-default" on the same split; on the GPU
+# the batch is auto's (larger than the CPU's 32). ELPV 4-class first, all seeds, then binary.
+ROUND3 = {
+    "r3-default": [],
+    "r3-drop-issues": ["--drop-label-issues"],
+    "r3-balance-loss": ["--balance", "loss"],
+    "r3-balance-sampler": ["--balance", "sampler"],
+    "r3-lite2-300": ["--model", "efficientnet_lite2", "--img-size", "300"],
+    "r3-e30": ["--epochs", "30", "--patience", "10"],  # round 1's 30 epochs stopped early at patience 5
+    "r3-mixup": ["--mixup", "0.2"],
+    "r3-freeze0": ["--freeze-stages", "0"],
+}
+for _name, _flags in ROUND3.items():
+    recipe.CANDIDATES[f"study-{_name}"] = _flags
 
 
 def jobs(tasks=TASKS, seeds=SEEDS, round_: int = 1) -> list[tuple[str, str, int]]:
     """(task, candidate, seed): task by task, seed by seed, every candidate (the longer ones where they apply)."""
     out = []
+    if round_ == 3:
+        return [(task, c, s) for task in ("elpv-fourclass", "elpv-binary") for s in seeds for c in ROUND3]
     if round_ == 2:  # any confirmation first, then the combinations, each against its reference run in the same call
         for task, cands in ROUND2_CONFIRM.items():
             out += [(task, c, s) for s in seeds for c in cands]

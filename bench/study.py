@@ -65,6 +65,9 @@ CANDIDATES: dict[str, list[str]] = {
 FULL_RUNGS = ("final", "gpu", "confirm")
 ORDERED = {"elpv-fourclass"}  # tasks whose classes have an order (ELPV's defect probabilities)
 LONGER = ("e20", "e30")
+# what a table's differences are paired with: the first of these its rows hold (round 1 "new", the GPU study's
+# round 3 today's defaults, its round 2 "e20"; bench/gpu_study.py)
+REFERENCES = ("new", "r3-default", "e20")
 # the tasks whose targets call for longer training; on the rest a 30-epoch full-path run buys nothing to decide
 LONGER_TASKS = {"elpv-binary", "elpv-fourclass"}
 for name, flags in CANDIDATES.items():
@@ -152,18 +155,21 @@ def table(rows: list[dict], tasks: list[str]) -> str:
             epochs = EPOCHS[int(rung)] if rung not in FULL_RUNGS else "own"
             how = ("full path; score: the kept model's balanced accuracy" if rung in FULL_RUNGS else
                    "cached views; score: the fine-tune's macro-F1 after its last epoch")
+            ref = next((c for c in REFERENCES if any(cc == c for cc, _ in done)), "new")
             out.append(f"\n{task}, rung {rung} (epochs {epochs}, {how})"
-                       "\n| candidate | seeds | validation accuracy (kept model) | score (mean ± sd) | minus new "
+                       f"\n| candidate | seeds | validation accuracy (kept model) | score (mean ± sd) | minus {ref} "
                        "(score, paired, mean ± se) | wall s |\n| --- | --- | --- | --- | --- | --- |")
-            cands = sorted({c for c, _ in done}, key=lambda c: list(CANDIDATES).index(c))
+            first = {c: i for i, (c, _) in reversed(list(enumerate(done)))}  # the order the rows came in
+            cands = sorted({c for c, _ in done}, key=lambda c: (c != ref, c not in CANDIDATES,
+                                                                list(CANDIDATES).index(c) if c in CANDIDATES else first[c]))
             for c in cands:
                 seeds = sorted(s for cc, s in done if cc == c)
                 acc = [done[(c, s)]["val_accuracy"] for s in seeds]
                 bal = [score(done[(c, s)]) for s in seeds]
-                pairs = [score(done[(c, s)]) - score(done[("new", s)]) for s in seeds if ("new", s) in done]
+                pairs = [score(done[(c, s)]) - score(done[(ref, s)]) for s in seeds if (ref, s) in done]
                 sd = statistics.stdev(bal) if len(bal) > 1 else 0.0
                 diff = ""
-                if c != "new" and pairs:
+                if c != ref and pairs:
                     se = (f"{100 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1f}" if len(pairs) > 1
                           else "(one seed: no se)")
                     diff = f"{100 * statistics.mean(pairs):+.1f} ± {se} pts"
