@@ -185,3 +185,36 @@ def test_quality_reuse_keeps_every_task_of_the_json_file_while_it_rewrites_it(tm
     assert [(r["task"], r["runs"][0]["accuracy"]) for r in json.loads(path.read_text())] == [("faces", 1.0),
                                                                                               ("digits", 0.88)]
     assert "accuracies [0.88]" in capsys.readouterr().out
+
+
+def test_the_table_pairs_with_the_reference_its_rows_hold():
+    """Round 3 on a GPU pairs every candidate with "r3-default" (bench/gpu_study.py), not round 1's "new"."""
+    rows = [_row("elpv-fourclass", c, s, "gpu", base + 0.01 * s)
+            for s in range(3) for c, base in (("r3-default", 0.5), ("r3-drop-issues", 0.53), ("r3-e30", 0.49))]
+    out = study.table(rows, ["elpv-fourclass"])
+    assert "minus r3-default" in out
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in out.splitlines() if ln.startswith("| r3-")}
+    assert "+3.0 ± 0.0 pts" in lines["r3-drop-issues"] and "-1.0 ± 0.0 pts" in lines["r3-e30"]
+    assert out.index("| r3-default") < out.index("| r3-drop-issues")  # the reference first
+
+
+def test_pair_gives_each_seed_and_the_paired_difference(tmp_path, capsys):
+    """bench.pair: two bench.quality files' sides, matched by task and seed; a seed only one side ran is left out;
+    a bad argument is one line on stderr and status 2."""
+    import json
+
+    from bench import pair
+
+    def side(name, accs):
+        return [{"task": "elpv-binary", "side": name, "runs": [
+            {"seed": s, "accuracy": a, "balanced_accuracy": a - 0.1, "macro_f1": a - 0.05, "wall_s": 10.0}
+            for s, a in accs]}]
+
+    (tmp_path / "a.json").write_text(json.dumps(side("new", [(0, 0.90), (1, 0.92), (2, 0.94)])))
+    (tmp_path / "b.json").write_text(json.dumps(side("old", [(0, 0.89), (1, 0.89), (3, 0.5)])))
+    assert pair.main([f"{tmp_path}/a.json:new", f"{tmp_path}/b.json:old"]) == 0
+    out = capsys.readouterr().out
+    assert "seeds [0, 1]" in out and "+2.0 ± 1.0 pts" in out  # (+1, +3): mean 2, se 1
+    assert pair.main([f"{tmp_path}/a.json", f"{tmp_path}/b.json:old"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "FILE:SIDE" in err
