@@ -93,7 +93,9 @@ CANDIDATES: dict[str, list[str]] = {
     # under --time-limit auto keeps 224 px: 288 px there, paired with "default-tl10"
     "default-tl10-res288": ["--time-limit", "10", "--img-size", "288"],
     # round 3: levers on today's defaults (--img-size auto: 288 px on ELPV), in new results files, paired with the
-    # "default" rows made there
+    # "default" rows there (bench/results/*-round3.jsonl: round 2's default-res288 rows, copied under that name, are
+    # today's defaults run, each marked "copied_from"); r3-res224 asks the size question again on new seeds (5-9)
+    "r3-res224": ["--img-size", "224"],
     "r3-drop-issues": ["--drop-label-issues"],
     "r3-balance-loss": ["--balance", "loss"],
     "r3-lite2-300": ["--model", "efficientnet_lite2", "--img-size", "300"],
@@ -104,7 +106,7 @@ DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
             "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
             "default-tl10-nopatience": "default-tl10", "default-tl10-res288": "default-tl10", "best": "default",
-            "r3-drop-issues": "default", "r3-balance-loss": "default", "r3-lite2-300": "default",
+            "r3-res224": "default", "r3-drop-issues": "default", "r3-balance-loss": "default", "r3-lite2-300": "default",
             **{c: "default" for c in ("default-avg3", "default-res288", "default-lite2-300", "default-balance-loss",
                                       "default-drop-issues")}}
 
