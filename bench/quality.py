@@ -87,6 +87,14 @@ def recorded_runs(rows: list[dict], task: str, name: str, extra: str) -> dict[in
             for r in row["runs"] if "error" not in r and "seed_asked" in r}
 
 
+def merged(before: list[dict], rows: list[dict]) -> list[dict]:
+    """The --json file's rows with this invocation's in place of the ones for the same task, side and flags (new ones
+    at the end): running one task again, or a seed more, keeps the other tasks' rows."""
+    key = lambda r: (r["task"], r["side"], r.get("extra", ""))  # noqa: E731
+    new = {key(r): r for r in rows}
+    return [new.pop(key(r), r) for r in before] + list(new.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="elpv-binary,elpv-fourclass,elpv-type,digits,faces")
@@ -109,7 +117,7 @@ def main() -> None:
     from bench.common import header
 
     header("model quality: test splits nothing was tuned on")
-    # read once, before the first run rewrites the file with this invocation's rows only
+    # read once, before the first run rewrites the file: its rows for other tasks, sides or flags are kept as they are
     before = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     rows = []
     for task in args.tasks.split(","):
@@ -122,7 +130,7 @@ def main() -> None:
                 runs.append({**run(task, side, int(s), args.device, args.extra.split(), args.reuse, name,
                                    recorded.get(int(s))), "seed_asked": int(s)})
                 if args.json:  # after every run, so that a stop loses only the run in progress
-                    Path(args.json).write_text(json.dumps(rows, indent=1))
+                    Path(args.json).write_text(json.dumps(merged(before, rows), indent=1))
             ok = [r for r in runs if "error" not in r]
             if not ok:
                 print(f"{task:<16}{name:<11} failed: {runs[0]['error'][-300:]}", flush=True)

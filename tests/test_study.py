@@ -185,6 +185,10 @@ def test_quality_reuse_keeps_every_task_of_the_json_file_while_it_rewrites_it(tm
     assert [(r["task"], r["runs"][0]["accuracy"]) for r in json.loads(path.read_text())] == [("faces", 1.0),
                                                                                               ("digits", 0.88)]
     assert "accuracies [0.88]" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["quality", "--tasks", "digits", "--seeds", "0", "--sides", "probe", "--reuse",
+                                      "--json", str(path)])
+    quality.main()  # one task again: the other task's row stays in the file
+    assert [r["task"] for r in json.loads(path.read_text())] == ["faces", "digits"]
 
 
 def test_the_table_pairs_with_the_reference_its_rows_hold():
