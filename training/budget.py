@@ -27,24 +27,28 @@ def rerun_smaller(state: TrainState, at_start: dict[str, Any], n_train: int, set
     done = state.sched.last_epoch
     if done == 0:  # nothing trained yet: exactly the schedule a run at this batch size would have
         state.shape.warmup = int(setup.cfg.warmup_epochs * spe)
-    state.shape.total = done + spe * (state.epochs - state.epoch)
+    state.shape.retarget(done + spe * (state.epochs - state.epoch), done)
     set_lr(state)
     log(f"out of GPU memory in epoch {state.epoch + 1}: batch size now {state.batch_size}, the epoch runs again")
 
 
-def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_train: int, setup: TrainSetup) -> None:
-    """After each of the first epochs (REFIT_EPOCHS): how many fit in --time-limit at `epoch_seconds` each (the
-    median epoch so far); the cosine is fitted to end on the last of them, never past the epochs asked for. Refitting
-    after more than one epoch keeps a first epoch slowed by something else on the machine (or by its first-time
-    costs) from deciding the whole run's length alone.
+def fit_time_limit(state: TrainState, elapsed: float, epoch_seconds: float, n_train: int, setup: TrainSetup,
+                   shrink_only: bool = False) -> None:
+    """How many epochs fit in --time-limit at `epoch_seconds` each; the cosine is re-spread from where it is to end
+    on the last of them, never past the epochs asked for. After each of the first epochs (REFIT_EPOCHS) the number is
+    counted afresh from the median epoch so far, so a first epoch slowed by something else on the machine (or by its
+    first-time costs) does not decide the run's length alone. After them (`shrink_only`) it can only fall: a machine
+    that slows down mid-run (another job on the cores) ends the run near its limit instead of far past it.
     `elapsed` counts the time the run has used and the time its finish will need (estimated by the caller)."""
     left = setup.cfg.time_limit * 60 - elapsed
     (fit_n,) = setup.dist.from_main(state.epoch + int(left // max(epoch_seconds, 1e-3)))
     n = max(state.epoch, min(setup.cfg.epochs, int(fit_n)))
-    if n != state.epochs:
+    if n != state.epochs and not (shrink_only and n > state.epochs):
+        before = state.epochs
         state.epochs = n
-        state.shape.total = steps_per_epoch(n_train, state.batch_size * setup.dist.world) * state.epochs
-        log(f"time limit {setup.cfg.time_limit:g} min: {state.epochs} epochs fit")
+        state.shape.retarget(steps_per_epoch(n_train, state.batch_size * setup.dist.world) * n, state.sched.last_epoch)
+        log(f"time limit {setup.cfg.time_limit:g} min: {n} epochs fit"
+            + (f" (the epochs now take longer: {before} planned)" if shrink_only else ""))
 
 
 def finish_seconds(val_seconds: float, n_val: int, n_test: int) -> float:

@@ -145,7 +145,8 @@ class TrainConfig:
     abstain_precision: float = opt(0.95, "confidence threshold chosen so accepted validation answers are this "
                                          "precise (0: never abstain)")
     time_limit: float = opt(0.0, "minutes for the whole run, its finish (calibration, test, export) included as an "
-                                 "estimate (0: none); the epochs that fit are run, schedule intact")
+                                 "estimate (0: none); the epochs that fit are run, the cosine ending on the last; fewer "
+                                 "when the epochs slow down mid-run")
     augment: str = opt("none", "none | trivial (TrivialAugmentWide) | randaugment, on top of random-resized-crop + "
                                "flip", choices=("none", "trivial", "randaugment"))
     balance: str = opt("auto", "auto (posthoc when the largest class is over 3x the smallest, else none) | posthoc "

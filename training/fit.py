@@ -275,10 +275,13 @@ def train_epochs(state: TrainState, prep: Prepared, setup: TrainSetup, ckpt_path
                         writer.add_scalar(k, v, epoch)
                 writer.flush()
             epoch_times.append(time.perf_counter() - t_epoch)
-            if cfg.time_limit and len(state.history) <= REFIT_EPOCHS:  # a run resumed later keeps its plan
+            # a run resumed later keeps its plan; until then, counted again after each of the first epochs, then
+            # only lowered, from the median of the latest epochs, when they slow down
+            if cfg.time_limit and len(epoch_times) == len(state.history):
                 finish_s = finish_seconds(val_s, len(prep.val), len(prep.test))
-                fit_time_limit(state, time.perf_counter() - t_start + finish_s, statistics.median(epoch_times),
-                               len(prep.train), setup)
+                fit_time_limit(state, time.perf_counter() - t_start + finish_s,
+                               statistics.median(epoch_times[-REFIT_EPOCHS:]), len(prep.train), setup,
+                               shrink_only=len(epoch_times) > REFIT_EPOCHS)
             snap = state.snapshot(dist, fingerprint)
             if dist.main:
                 if pending is not None:

@@ -94,17 +94,36 @@ def stage_depths(model: torch.nn.Module) -> dict[str, int]:
 
 
 class WarmupCosine:
-    """Linear warmup, then cosine decay to 0 at `total` steps. `total` may be shortened (a time limit) mid-run."""
+    """Linear warmup, then cosine decay to 0 at `total` steps. `retarget` moves the end mid-run (a time limit, a
+    smaller batch) and re-spreads the rest of the cosine from where it is, so the rate never jumps."""
 
     def __init__(self, total: int, warmup: int):
         self.total, self.warmup = total, warmup
+        self.bend_step, self.bend_progress = 0, 0.0  # the last retarget after the warmup: the decay from there on
 
-    def __call__(self, step: int) -> float:
+    def progress(self, step: int) -> float | None:
+        """How far the decay is at `step` (0 to 1), None inside the warmup; steps before the last retarget are past
+        and not kept as they ran."""
+        if self.bend_step and step >= self.bend_step:
+            rest = (step - self.bend_step) / max(1, self.total - self.bend_step)
+            return min(1.0, self.bend_progress + (1 - self.bend_progress) * rest)
         warmup = min(self.warmup, self.total // 3)  # a short run (time limit) still gets most of its steps decaying
         if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return None
+        return min(1.0, (step - warmup) / max(1, self.total - warmup))
+
+    def __call__(self, step: int) -> float:
+        p = self.progress(step)
+        if p is None:
+            return (step + 1) / min(self.warmup, self.total // 3)
+        return 0.5 * (1 + math.cos(math.pi * p))
+
+    def retarget(self, total: int, step: int) -> None:
+        """End the decay at `total` steps instead, continuing from its progress at `step` (the steps taken)."""
+        p = self.progress(step)
+        if p is not None and step > 0:
+            self.bend_step, self.bend_progress = step, p
+        self.total = total
 
 
 def steps_per_epoch(n_train: int, global_batch: int) -> int:
