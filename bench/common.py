@@ -84,6 +84,15 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
+def paired(diffs: list[float]) -> str:
+    """A paired difference over seeds, in points (the differences already x100): mean ± its standard error."""
+    import math
+    import statistics
+
+    se = f"{statistics.stdev(diffs) / math.sqrt(len(diffs)):.1f}" if len(diffs) > 1 else "(one seed: no se)"
+    return f"{statistics.mean(diffs):+.1f} ± {se} pts"
+
+
 def row(label: str, values: list[float], unit: str, width: int = 46) -> str:
     s = spread(values)
     return (f"{label:<{width}} median {s['median']:8.2f} {unit}   (min {s['min']:.2f}, max {s['max']:.2f}, "

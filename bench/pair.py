@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
+
+from bench.common import paired
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -49,9 +49,8 @@ def table(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict], names:
         lines.append(f"{task}: {names[0]} minus {names[1]}, test, seeds {seeds}")
         for m in METRICS:
             d = [100 * (a[(task, s)][m] - b[(task, s)][m]) for s in seeds]
-            se = f"{statistics.stdev(d) / math.sqrt(len(d)):.1f}" if len(d) > 1 else "(one seed: no se)"
             per = ", ".join(f"{a[(task, s)][m]:.3f}/{b[(task, s)][m]:.3f}" for s in seeds)
-            lines.append(f"  {m:<18} {statistics.mean(d):+5.1f} ± {se} pts  (per seed {per})")
+            lines.append(f"  {m:<18} {paired(d)}  (per seed {per})")
         walls = [(a[(task, s)].get("wall_s"), b[(task, s)].get("wall_s")) for s in seeds]
         lines.append("  wall s             " + ", ".join(f"{x:.0f}/{y:.0f}" for x, y in walls if x and y))
     return "\n".join(lines) or "no task and seed that both sides ran"

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import read_jsonl
+from bench.common import paired, read_jsonl
 from bench.quality import ROOT, WORK, ran_at, task_folder
 
 TODAY = ["--crop", "rrc", "--crop-scale", "0.35", "--eval-crop", "0.875", "--backbone-lr", "0.1",
@@ -173,8 +172,7 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
             pairs = [r[metric] - rows[(task, base, s)][metric] for s, r in ok.items()
                      if c != base and metric in rows.get((task, base, s), {})]
             if pairs:
-                se = f"{100 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1f}" if len(pairs) > 1 else "(one seed: none)"
-                diff = f"{100 * statistics.mean(pairs):+.1f} ± {se} pts vs {base} ({len(pairs)} pairs)"
+                diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs)"
             else:
                 diff = ""
             wall = statistics.mean(r["wall_s"] for r in ok.values())

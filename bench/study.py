@@ -30,11 +30,12 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from bench import recipe
-from bench.common import read_jsonl
+from bench.common import paired, read_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "study.jsonl"
 TASKS = ("elpv-binary", "elpv-fourclass", "elpv-type", "digits", "faces")
@@ -170,9 +171,7 @@ def table(rows: list[dict], tasks: list[str]) -> str:
                 sd = statistics.stdev(bal) if len(bal) > 1 else 0.0
                 diff = ""
                 if c != ref and pairs:
-                    se = (f"{100 * statistics.stdev(pairs) / math.sqrt(len(pairs)):.1f}" if len(pairs) > 1
-                          else "(one seed: no se)")
-                    diff = f"{100 * statistics.mean(pairs):+.1f} ± {se} pts"
+                    diff = paired([100 * p for p in pairs])
                 wall = statistics.mean(done[(c, s)]["wall_s"] for s in seeds)
                 out.append(f"| {c} | {len(seeds)} | {statistics.mean(acc):.3f} | {statistics.mean(bal):.3f} ± {sd:.3f} "
                            f"| {diff} | {wall:.0f} |")
@@ -191,6 +190,12 @@ def main() -> None:
     ap.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: no limit)")
     args = ap.parse_args()
     results, tasks = Path(args.results), args.tasks.split(",")
+    foreign = next((i for i, r in enumerate(load(results), 1) if not {"task", "rung", "candidate", "seed"} <= set(r)),
+                   None)
+    if foreign:
+        print(f"study: {results}: row {foreign} is not a study row (no rung: bench.recipe's rows read with "
+              "python -m bench.recipe --table)", file=sys.stderr)
+        sys.exit(2)
     ran = 0
     if not args.table:
         results.parent.mkdir(parents=True, exist_ok=True)

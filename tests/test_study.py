@@ -2,6 +2,9 @@
 missing, from the results file alone."""
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from bench import study
@@ -222,3 +225,14 @@ def test_pair_gives_each_seed_and_the_paired_difference(tmp_path, capsys):
     assert pair.main([f"{tmp_path}/a.json", f"{tmp_path}/b.json:old"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "FILE:SIDE" in err
+
+
+def test_study_table_of_another_tools_rows_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    """bench.recipe's rows (no rung) given to bench.study: a clear line, not a KeyError traceback."""
+    path = tmp_path / "recipe.jsonl"
+    path.write_text(json.dumps({"task": "elpv-binary", "candidate": "default", "seed": 0, "val_accuracy": 0.9}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["study", "--table", "--results", str(path)])
+    with pytest.raises(SystemExit) as stop:
+        study.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "not a study row" in err
