@@ -24,8 +24,8 @@ error, not more: bench/results/type-round2.jsonl); digits (32 px) and faces (100
 unchanged. Under --time-limit the 224 px measured there stays (288 px would fit fewer
 epochs; not measured yet). On the test quarter (a report, not a choice: BENCHMARKS.md, "The defaults at 288 px"), the
 same 4-class runs scored balanced accuracy -2.2 ± 2.5 points against the 224-px defaults, within its error (the
-validation margin was thin; more validation seeds, bench.recipe r3-res224, are what can settle it), and binary +1.4
-± 0.7 over 2 seeds (accuracy 0.899).
+validation margin was thin; more validation seeds, bench.recipe r3-res224, are what can settle it), and binary +0.8
+± 0.7 over 3 seeds (accuracy 0.893, against 0.891), within its error too.
 
 The command line is generated from these fields (pupil/cli.py): the flag is the field's name with dashes, the help is
 the field's `help` metadata, and `choices`, `or_word` (a number or a word, e.g. `--lr auto`) and `bare` (the value a
