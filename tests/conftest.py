@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+# pytest -n N: the N workers share the cores, so each worker's torch, and the servers and commands it starts, gets
+# its share of them, not all: oversubscribed OpenMP threads once slowed a tiny run in CI from 500 to 7 images/s
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 COLOURS = {"red": (210, 40, 40), "blue": (40, 60, 210), "green": (40, 180, 60)}
 # the small from-scratch run every training test starts from (seconds on a CPU). Tests that compare weights bit for
 # bit pin device="cpu" (CPU = {"device": "cpu"}): that is a CPU promise; cuDNN's autotuned kernels and atomic adds may

@@ -31,8 +31,10 @@ def test_evaluation_on_the_training_batch_shape_gives_the_same_numbers(tmp_path,
     assert set(same_sizes) == {8}, same_sizes  # the training batch, the last evaluation batch padded to it
     assert set(plain_sizes) != {8}  # the CPU default: batches of 64, the last one as it comes
     assert same["probe"]["val_loss"] == pytest.approx(plain["probe"]["val_loss"], abs=1e-5)
+    # the fine-tune starts from the probe's head, fitted on features computed at other batch shapes, which a CPU's
+    # kernels round differently in the last bits; two epochs carry that to some 1e-3 (8e-4 with one thread)
     for a, b in zip(same["history"], plain["history"]):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=3e-3)
         assert a["val_acc"] == b["val_acc"]
 
 
