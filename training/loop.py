@@ -107,15 +107,18 @@ class WarmupCosine:
         if self.bend_step and step >= self.bend_step:
             rest = (step - self.bend_step) / max(1, self.total - self.bend_step)
             return min(1.0, self.bend_progress + (1 - self.bend_progress) * rest)
-        warmup = min(self.warmup, self.total // 3)  # a short run (time limit) still gets most of its steps decaying
-        if step < warmup:
+        if step < self.warmup_steps:
             return None
-        return min(1.0, (step - warmup) / max(1, self.total - warmup))
+        return min(1.0, (step - self.warmup_steps) / max(1, self.total - self.warmup_steps))
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.warmup, self.total // 3)  # a short run (time limit) still gets most of its steps decaying
 
     def __call__(self, step: int) -> float:
         p = self.progress(step)
         if p is None:
-            return (step + 1) / min(self.warmup, self.total // 3)
+            return (step + 1) / self.warmup_steps
         return 0.5 * (1 + math.cos(math.pi * p))
 
     def retarget(self, total: int, step: int) -> None:
