@@ -154,7 +154,9 @@ class TrainConfig:
     balance: str = opt("auto", "auto (posthoc when the largest class is over 3x the smallest, else none) | posthoc "
                                "(logit adjustment after training: the classes' log-priors subtracted, scaled by a "
                                "factor chosen on validation for macro-F1) | sampler (class-balanced sampling) | "
-                               "loss (class-weighted) | none", choices=("auto", "posthoc", "sampler", "loss", "none"))
+                               "loss (class-weighted: on ELPV 4-class -13.6 ± 5.1 points of validation accuracy, "
+                               "balanced accuracy not raised; BENCHMARKS.md, Round 3 on this CPU) | none",
+                       choices=("auto", "posthoc", "sampler", "loss", "none"))
     amp: str = opt("auto", "auto (bf16/fp16 on CUDA; on a CPU with bf16 instructions bf16 for the frozen layers of "
                            "each training step (the layers that learn in fp32, faster there), the probe's features and "
                            "each epoch's validation, fp32 for the final calibration and test, as served) | off | bf16 "
