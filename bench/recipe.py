@@ -12,7 +12,8 @@ Per run: the kept model's validation accuracy, balanced accuracy and macro-F1, t
 correctness is not stored, so the paired difference is over seeds: for each (task, seed) the candidate's accuracy
 minus today's on the same validation split, then the mean of those differences and its standard error
 (sd / sqrt(number of pairs)). One line per finished run goes to the results file as it ends (JSON lines), so a stop
-loses nothing and a second invocation skips what is done.
+loses nothing and a second invocation skips what is done; a run stopped mid-way is resumed from its last epoch's
+checkpoint (`pupil train --resume`; its row's "resumed_at_epoch" says so).
 
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
                            [--candidates today,new,...] [--results FILE] [--table]
@@ -119,15 +120,29 @@ def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None
     win), its validation figures as a row."""
     data = task_folder(task) / "train"
     out = run_dir(task, candidate, seed, tag)
+    resume_at = interrupted_at(out)
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out),
-           "--no-progress", "--device", "cpu", *CANDIDATES[candidate], *(extra or [])]
+           "--no-progress", "--device", "cpu", *CANDIDATES[candidate], *(extra or []),
+           *(["--resume"] if resume_at is not None else [])]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     row = {"task": task, "candidate": candidate, "seed": seed, "wall_s": time.perf_counter() - t0,
-           "flags": CANDIDATES[candidate] + (extra or []), "finished": time.strftime("%Y-%m-%d %H:%M")}
+           "flags": CANDIDATES[candidate] + (extra or []), "finished": time.strftime("%Y-%m-%d %H:%M"),
+           **({"resumed_at_epoch": resume_at} if resume_at is not None else {})}
     if r.returncode != 0:
         return {**row, "error": r.stderr[-600:]}
     return {**row, **run_figures(out)}
+
+
+def interrupted_at(out: Path) -> int | None:
+    """The epoch a stopped run of this folder checkpointed (last.pt and no metrics.json: the session ended, the
+    process was killed), which the next invocation resumes instead of starting over (its row then says so, and its
+    wall_s is the resumed part's); None where there is nothing to resume."""
+    if not (out / "last.pt").is_file() or (out / "metrics.json").is_file():
+        return None
+    from training.state import load_checkpoint
+
+    return int(load_checkpoint(out / "last.pt")["epoch"])
 
 
 def run_figures(out: Path) -> dict:

@@ -236,3 +236,29 @@ def test_study_table_of_another_tools_rows_is_one_line_and_status_2(tmp_path, mo
         study.main()
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "not a study row" in err
+
+
+def test_a_stopped_recipe_run_is_resumed_from_its_checkpoint_not_started_over(tmp_path, monkeypatch):
+    """bench.recipe.run_one on a folder whose run stopped (last.pt, no metrics.json) passes --resume: the epochs
+    already trained are kept as they ran (their timestamps), and the row says where it resumed. A finished folder
+    (metrics.json there) is trained afresh, as before."""
+    from bench import recipe
+    from tests.conftest import TINY_FLAGS, make_shapes_folder
+
+    make_shapes_folder(tmp_path / "task" / "train", n=16)
+    monkeypatch.setattr(recipe, "WORK", tmp_path / "work")
+    monkeypatch.setattr(recipe, "task_folder", lambda task: tmp_path / "task")
+    monkeypatch.setitem(recipe.CANDIDATES, "tiny", [*TINY_FLAGS, "--epochs", "2", "--patience", "0"])
+    first = recipe.run_one("shapes", "tiny", 0)
+    assert "error" not in first and "resumed_at_epoch" not in first, first
+    out = recipe.run_dir("shapes", "tiny", 0)
+    ran = json.loads((out / "metrics.json").read_text())["history"]
+    assert recipe.interrupted_at(out) is None  # finished: nothing to resume
+    (out / "metrics.json").unlink()  # what a run stopped after its last epoch's checkpoint leaves
+    assert recipe.interrupted_at(out) == 2
+    again = recipe.run_one("shapes", "tiny", 0)
+    assert "error" not in again and again["resumed_at_epoch"] == 2, again
+    assert json.loads((out / "metrics.json").read_text())["history"] == ran  # not one epoch trained again
+    fresh = recipe.run_one("shapes", "tiny", 0)  # metrics.json is back: a new run, its own epochs
+    assert "resumed_at_epoch" not in fresh
+    assert json.loads((out / "metrics.json").read_text())["history"][0]["t_start"] != ran[0]["t_start"]
