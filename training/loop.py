@@ -107,9 +107,10 @@ class WarmupCosine:
         if self.bend_step and step >= self.bend_step:
             rest = (step - self.bend_step) / max(1, self.total - self.bend_step)
             return min(1.0, self.bend_progress + (1 - self.bend_progress) * rest)
-        if step < self.warmup_steps:
+        warmup = self.warmup_steps
+        if step < warmup:
             return None
-        return min(1.0, (step - self.warmup_steps) / max(1, self.total - self.warmup_steps))
+        return min(1.0, (step - warmup) / max(1, self.total - warmup))
 
     @property
     def warmup_steps(self) -> int:
