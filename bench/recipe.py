@@ -13,7 +13,8 @@ correctness is not stored, so the paired difference is over seeds: for each (tas
 minus today's on the same validation split, then the mean of those differences and its standard error
 (sd / sqrt(number of pairs)). One line per finished run goes to the results file as it ends (JSON lines), so a stop
 loses nothing and a second invocation skips what is done; a run stopped mid-way is resumed from its last epoch's
-checkpoint (`pupil train --resume`; its row's "resumed_at_epoch" says so).
+checkpoint (`pupil train --resume`; its row's "resumed_at_epoch" says so, and the table leaves its partial wall time
+out of the mean).
 
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
                            [--candidates today,new,...] [--results FILE] [--table]
@@ -99,6 +100,11 @@ CANDIDATES: dict[str, list[str]] = {
     "r3-drop-issues": ["--drop-label-issues"],
     "r3-balance-loss": ["--balance", "loss"],
     "r3-lite2-300": ["--model", "efficientnet_lite2", "--img-size", "300"],
+    # the rest of GPU round 3's list (bench/gpu_study.py ROUND3), for the CPU: the levers that the balancing ones
+    # left for 4-class balanced accuracy (what the model ranks, not how the classes are weighted)
+    "r3-mixup": ["--mixup", "0.2"],
+    "r3-freeze0": ["--freeze-stages", "0"],
+    "r3-e30": ["--epochs", "30", "--patience", "10"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # each candidate is paired with the baseline of its kind: the study's fine-tunes with "today", probes with today's
@@ -106,7 +112,7 @@ DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
             "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
             "default-tl10-nopatience": "default-tl10", "default-tl10-res288": "default-tl10", "best": "default",
-            "r3-res224": "default", "r3-drop-issues": "default", "r3-balance-loss": "default", "r3-lite2-300": "default",
+            **{c: "default" for c in CANDIDATES if c.startswith("r3-")},
             **{c: "default" for c in ("default-avg3", "default-res288", "default-lite2-300", "default-balance-loss",
                                       "default-drop-issues")}}
 
@@ -190,9 +196,12 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
                 diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs)"
             else:
                 diff = ""
-            wall = statistics.mean(r["wall_s"] for r in ok.values())
-            lines.append(f"| {task} | {c} | {len(ok)} | {statistics.mean(vals):.3f} ± {sd:.3f} | {diff} | "
-                         f"{wall:.0f} |")
+            # a resumed run's wall_s is its resumed part only: those rows are left out of the mean, and counted
+            whole = [r["wall_s"] for r in ok.values() if "resumed_at_epoch" not in r]
+            resumed = len(ok) - len(whole)
+            wall = (f"{statistics.mean(whole):.0f}" if whole else "–") + (f" ({resumed} resumed, not counted)"
+                                                                         if resumed else "")
+            lines.append(f"| {task} | {c} | {len(ok)} | {statistics.mean(vals):.3f} ± {sd:.3f} | {diff} | {wall} |")
     return "\n".join(lines)
 
 

@@ -262,3 +262,20 @@ def test_a_stopped_recipe_run_is_resumed_from_its_checkpoint_not_started_over(tm
     fresh = recipe.run_one("shapes", "tiny", 0)  # metrics.json is back: a new run, its own epochs
     assert "resumed_at_epoch" not in fresh
     assert json.loads((out / "metrics.json").read_text())["history"][0]["t_start"] != ran[0]["t_start"]
+
+
+def test_the_recipe_table_leaves_a_resumed_runs_partial_wall_time_out_of_the_mean():
+    from bench import recipe
+
+    def row(cand, seed, acc, wall, **extra):
+        return {"task": "elpv-fourclass", "candidate": cand, "seed": seed, "val_accuracy": acc, "wall_s": wall,
+                **extra}
+
+    rows = [row("default", 0, 0.80, 1000.0), row("default", 1, 0.78, 2000.0),
+            row("r3-res224", 0, 0.81, 900.0), row("r3-res224", 1, 0.80, 100.0, resumed_at_epoch=9)]
+    out = recipe.table({(r["task"], r["candidate"], r["seed"]): r for r in rows})
+    default_line = next(line for line in out.splitlines() if "| default |" in line)
+    res224_line = next(line for line in out.splitlines() if "| r3-res224 |" in line)
+    assert default_line.endswith("| 1500 |")
+    assert res224_line.endswith("| 900 (1 resumed, not counted) |")
+    assert "+1.5 ± 0.5" in res224_line and "vs default (2 pairs)" in res224_line
