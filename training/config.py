@@ -21,8 +21,10 @@ balanced accuracy +3.1 ± 2.7 and macro-F1 +2.0 ± 1.5 points over 5 seeds (benc
 default-res288 against default), ELPV binary balanced +1.4 ± 1.0, accuracy +0.4 ± 0.5 over 3 seeds
 (bench/results/binary-round2.jsonl), ELPV type accuracy -0.08 ± 0.08 (one image of 394 on one seed; a loss of one
 error, not more: bench/results/type-round2.jsonl); digits (32 px) and faces (100 px) are below the threshold and
-unchanged. Under --time-limit the 224 px measured there stays (288 px would fit fewer
-epochs; not measured yet). On the test quarter (a report, not a choice: BENCHMARKS.md, "The defaults at 288 px"), the
+unchanged. Under --time-limit 224 px stays: in 10 minutes on ELPV binary 288 px fitted 6-7
+epochs against 11-12 and scored accuracy -0.5 ± 1.1, balanced -1.8 ± 1.8 points over 3 seeds on validation
+(bench/results/binary-round3.jsonl, default-tl10-res288 against default-tl10; BENCHMARKS.md, "288 px under
+`--time-limit 10`"). On the test quarter (a report, not a choice: BENCHMARKS.md, "The defaults at 288 px"), the
 same 4-class runs scored balanced accuracy -2.2 ± 2.5 points against the 224-px defaults, within its error (the
 validation margin was thin; more validation seeds, bench.recipe r3-res224, are what can settle it), and binary +0.8
 ± 0.7 over 3 seeds (accuracy 0.893, against 0.891), within its error too.

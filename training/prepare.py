@@ -132,9 +132,10 @@ def auto_img_size(cfg: TrainConfig, manifest: Manifest) -> tuple[int, str] | Non
     training images' median shorter side is at least 288 px (the model's 224 px otherwise: upsampling adds no detail).
     Issue 27's rule, on validation splits only (BENCHMARKS.md, "Round 2 on this CPU"; training/config.py cites the
     rows): ELPV 4-class (300 px cells) balanced accuracy +3.1 ± 2.7 and macro-F1 +2.0 ± 1.5 points over 5 seeds,
-    binary +1.4 ± 1.0 balanced over 3; an epoch costs 1.7-1.8x. Under a --time-limit the 224 px measured there stays
-    (288 px would fit fewer epochs). None: no choice to make (a size given, another model, the probe alone, a resumed
-    checkpoint: its config.yaml holds its size, and 0 there is a run from before auto, at 224 px)."""
+    binary +1.4 ± 1.0 balanced over 3; an epoch costs 1.7-1.8x. Under a --time-limit 224 px stays: in 10 minutes 288
+    px fits half the epochs and scored -0.5 ± 1.1 accuracy on ELPV binary's validation splits. None: no choice to
+    make (a size given, another model, the probe alone, a resumed checkpoint: its config.yaml holds its size, and 0
+    there is a run from before auto, at 224 px)."""
     resuming = cfg.resume and (Path(cfg.out) / "last.pt").is_file()
     if cfg.img_size or cfg.model != AUTO_MODEL or cfg.from_scratch or cfg.time_limit or cfg.stages == "probe" or resuming:
         return None
