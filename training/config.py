@@ -26,7 +26,8 @@ epochs against 11-12 and scored accuracy -0.5 ± 1.1, balanced -1.8 ± 1.8 point
 (bench/results/binary-round3.jsonl, default-tl10-res288 against default-tl10; BENCHMARKS.md, "288 px under
 `--time-limit 10`"). On the test quarter (a report, not a choice: BENCHMARKS.md, "The defaults at 288 px"), the
 same 4-class runs scored balanced accuracy -2.2 ± 2.5 points against the 224-px defaults, within its error (the
-validation margin was thin; more validation seeds, bench.recipe r3-res224, are what can settle it), and binary +0.8
+validation margin was thin; three more validation seeds since, bench/results/fourclass-round3.jsonl r3-res224
+against default, gave +2.5 ± 3.2 balanced, and all 8 pairs +2.9 ± 1.9: BENCHMARKS.md, "Round 3 on this CPU"), and binary +0.8
 ± 0.7 over 3 seeds (accuracy 0.893, against 0.891), within its error too.
 
 The command line is generated from these fields (pupil/cli.py): the flag is the field's name with dashes, the help is
