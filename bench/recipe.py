@@ -17,7 +17,9 @@ checkpoint (`pupil train --resume`; its row's "resumed_at_epoch" says so, and th
 out of the mean).
 
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
-                           [--candidates today,new,...] [--results FILE] [--table]
+                           [--candidates today,new,...] [--results FILE] [--table [--metric M]]
+
+With --table, --tasks, --seeds and --candidates choose the rows the table shows (a candidate brings its baseline).
 """
 from __future__ import annotations
 
@@ -193,7 +195,8 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
             pairs = [r[metric] - rows[(task, base, s)][metric] for s, r in ok.items()
                      if c != base and metric in rows.get((task, base, s), {})]
             if pairs:
-                diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs)"
+                each = ", ".join(f"{100 * p:+.1f}" for p in pairs)
+                diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs: {each})"
             else:
                 diff = ""
             # a resumed run's wall_s is its resumed part only: those rows are left out of the mean, and counted
@@ -205,34 +208,52 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
     return "\n".join(lines)
 
 
+def select(rows: dict[tuple[str, str, int], dict], tasks: list[str] | None = None,
+           candidates: list[str] | None = None, seeds: list[int] | None = None) -> dict[tuple[str, str, int], dict]:
+    """The rows of these tasks, candidates and seeds (None: all), and the baselines the candidates pair with."""
+    keep = None if candidates is None else set(candidates) | {BASELINE.get(c, "today") for c in candidates}
+    return {k: r for k, r in rows.items() if (tasks is None or k[0] in tasks) and (keep is None or k[1] in keep)
+            and (seeds is None or k[2] in seeds)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="faces,digits,elpv-binary,elpv-fourclass,elpv-type")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--candidates", default="today,new")
+    ap.add_argument("--tasks", help="default faces,digits,elpv-binary,elpv-fourclass,elpv-type; with --table: "
+                    "only these tasks' rows (default all)")
+    ap.add_argument("--seeds", help="default 0,1,2; with --table: only these seeds' rows (default all)")
+    ap.add_argument("--candidates", help="default today,new; with --table: only these candidates' rows and their "
+                    "baselines' (default all)")
     ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON lines, one per finished run (appended)")
     ap.add_argument("--table", action="store_true", help="print the table of what the results file holds, run nothing")
     ap.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_balanced_accuracy",
                                                                  "val_macro_f1"))
     args = ap.parse_args()
     results = Path(args.results)
-    unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]
+    try:
+        seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: comma-separated whole numbers, like 0,1,2")
+    candidates = None if args.candidates is None else args.candidates.split(",")
+    unknown = [c for c in candidates or [] if c not in CANDIDATES]
     if unknown:
         ap.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
-    if not args.table:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        # seed-major: every task and candidate gets a first seed before any gets a second
-        for seed in (int(s) for s in args.seeds.split(",")):
-            for task in args.tasks.split(","):
-                for cand in args.candidates.split(","):
-                    if (task, cand, seed) in done_runs(results):
-                        continue
-                    row = run_one(task, cand, seed)
-                    with results.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(json.dumps({k: row.get(k) for k in ("task", "candidate", "seed", "val_accuracy",
-                                                                "wall_s", "error")}), flush=True)
-    print(table(done_runs(results), args.metric))
+    tasks = None if args.tasks is None else args.tasks.split(",")
+    if args.table:
+        print(table(select(done_runs(results), tasks, candidates, seeds), args.metric))
+        return
+    results.parent.mkdir(parents=True, exist_ok=True)
+    # seed-major: every task and candidate gets a first seed before any gets a second
+    for seed in seeds or [0, 1, 2]:
+        for task in tasks or ["faces", "digits", "elpv-binary", "elpv-fourclass", "elpv-type"]:
+            for cand in candidates or ["today", "new"]:
+                if (task, cand, seed) in done_runs(results):
+                    continue
+                row = run_one(task, cand, seed)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps({k: row.get(k) for k in ("task", "candidate", "seed", "val_accuracy",
+                                                            "wall_s", "error")}), flush=True)
+    print(table(select(done_runs(results), tasks, candidates, seeds), args.metric))
 
 
 if __name__ == "__main__":

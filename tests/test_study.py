@@ -278,4 +278,28 @@ def test_the_recipe_table_leaves_a_resumed_runs_partial_wall_time_out_of_the_mea
     res224_line = next(line for line in out.splitlines() if "| r3-res224 |" in line)
     assert default_line.endswith("| 1500 |")
     assert res224_line.endswith("| 900 (1 resumed, not counted) |")
-    assert "+1.5 ± 0.5" in res224_line and "vs default (2 pairs)" in res224_line
+    assert "+1.5 ± 0.5" in res224_line and "vs default (2 pairs: +1.0, +2.0)" in res224_line
+
+
+def test_the_recipe_table_shows_only_the_tasks_seeds_and_candidates_asked_for(tmp_path, monkeypatch, capsys):
+    """`--table --seeds/--tasks/--candidates` choose the rows (a candidate brings the baseline it pairs with); a bad
+    --seeds is one line on stderr and status 2."""
+    from bench import recipe
+
+    path = tmp_path / "rows.jsonl"
+    rows = [{"task": t, "candidate": c, "seed": s, "val_accuracy": 0.7 + 0.01 * s + (0.05 if c == "r3-e30" else 0),
+             "wall_s": 100.0} for t in ("elpv-fourclass", "elpv-binary") for c in ("default", "r3-e30", "r3-mixup")
+            for s in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", ["recipe", "--table", "--results", str(path), "--tasks", "elpv-fourclass",
+                                      "--seeds", "1,3", "--candidates", "r3-e30"])
+    recipe.main()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| elpv")]
+    assert [ln.split(" | ")[1] for ln in lines] == ["default", "r3-e30"]
+    assert all(ln.split(" | ")[2] == "2" for ln in lines)
+    assert "0.720 ± 0.014" in lines[0] and "(2 pairs: +5.0, +5.0)" in lines[1]
+    monkeypatch.setattr(sys, "argv", ["recipe", "--table", "--results", str(path), "--seeds", "1-3"])
+    with pytest.raises(SystemExit) as stop:
+        recipe.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.strip().splitlines()[-1].startswith("recipe: error: --seeds")
