@@ -26,9 +26,11 @@ epochs against 11-12 and scored accuracy -0.5 ± 1.1, balanced -1.8 ± 1.8 point
 (bench/results/binary-round3.jsonl, default-tl10-res288 against default-tl10; BENCHMARKS.md, "288 px under
 `--time-limit 10`"). On the test quarter (a report, not a choice: BENCHMARKS.md, "The defaults at 288 px"), the
 same 4-class runs scored balanced accuracy -2.2 ± 2.5 points against the 224-px defaults, within its error (the
-validation margin was thin; three more validation seeds since, bench/results/fourclass-round3.jsonl r3-res224
-against default, gave +2.5 ± 3.2 balanced, and all 8 pairs +2.9 ± 1.9: BENCHMARKS.md, "Round 3 on this CPU"), and binary +0.8
-± 0.7 over 3 seeds (accuracy 0.893, against 0.891), within its error too.
+validation margin was thin; five more validation seeds since, 5-9, bench/results/fourclass-round3.jsonl r3-res224
+against default, gave +1.2 ± 2.0 balanced and +0.5 ± 1.0 macro-F1, within their errors, and all 10 pairs +2.1 ± 1.6
+balanced, +1.3 ± 0.9 macro-F1, +0.5 ± 1.2 accuracy: still beyond one standard error on balanced accuracy and macro-F1,
+not two; BENCHMARKS.md, "Round 3 on this CPU"), and binary +0.8 ± 0.7 over 3 seeds (accuracy 0.893, against 0.891),
+within its error too.
 
 The command line is generated from these fields (pupil/cli.py): the flag is the field's name with dashes, the help is
 the field's `help` metadata, and `choices`, `or_word` (a number or a word, e.g. `--lr auto`) and `bare` (the value a
