@@ -283,7 +283,7 @@ def test_the_recipe_table_leaves_a_resumed_runs_partial_wall_time_out_of_the_mea
 
 def test_the_recipe_table_shows_only_the_tasks_seeds_and_candidates_asked_for(tmp_path, monkeypatch, capsys):
     """`--table --seeds/--tasks/--candidates` choose the rows (a candidate brings the baseline it pairs with); a bad
-    --seeds is one line on stderr and status 2."""
+    --seeds exits with status 2, its last line on stderr saying why (argparse's usage line comes first)."""
     from bench import recipe
 
     path = tmp_path / "rows.jsonl"
