@@ -109,6 +109,8 @@ CANDIDATES: dict[str, list[str]] = {
     "r3-e30": ["--epochs", "30", "--patience", "10"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
+# what a run without --tasks, --seeds or --candidates does (a table without them shows every row)
+RUN_TASKS, RUN_SEEDS, RUN_CANDIDATES = ["faces", "digits", "elpv-binary", "elpv-fourclass", "elpv-type"], [0, 1, 2], ["today", "new"]
 # each candidate is paired with the baseline of its kind: the study's fine-tunes with "today", probes with today's
 # probe, today's defaults' variants with the defaults run the same way (plain or under the same --time-limit)
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
@@ -218,11 +220,11 @@ def select(rows: dict[tuple[str, str, int], dict], tasks: list[str] | None = Non
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", help="default faces,digits,elpv-binary,elpv-fourclass,elpv-type; with --table: "
-                    "only these tasks' rows (default all)")
-    ap.add_argument("--seeds", help="default 0,1,2; with --table: only these seeds' rows (default all)")
-    ap.add_argument("--candidates", help="default today,new; with --table: only these candidates' rows and their "
-                    "baselines' (default all)")
+    ap.add_argument("--tasks", help=f"default {','.join(RUN_TASKS)}; with --table: only these tasks' rows (default all)")
+    ap.add_argument("--seeds", help=f"default {','.join(map(str, RUN_SEEDS))}; with --table: only these seeds' rows "
+                    "(default all)")
+    ap.add_argument("--candidates", help=f"default {','.join(RUN_CANDIDATES)}; with --table: only these candidates' "
+                    "rows and their baselines' (default all)")
     ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON lines, one per finished run (appended)")
     ap.add_argument("--table", action="store_true", help="print the table of what the results file holds, run nothing")
     ap.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_balanced_accuracy",
@@ -243,9 +245,9 @@ def main() -> None:
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     # seed-major: every task and candidate gets a first seed before any gets a second
-    for seed in seeds or [0, 1, 2]:
-        for task in tasks or ["faces", "digits", "elpv-binary", "elpv-fourclass", "elpv-type"]:
-            for cand in candidates or ["today", "new"]:
+    for seed in seeds or RUN_SEEDS:
+        for task in tasks or RUN_TASKS:
+            for cand in candidates or RUN_CANDIDATES:
                 if (task, cand, seed) in done_runs(results):
                     continue
                 row = run_one(task, cand, seed)
