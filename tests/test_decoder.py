@@ -34,8 +34,17 @@ GOOD = png("RGB", (120, 90), (200, 30, 30))
 
 
 def _workers(other: frozenset = frozenset()) -> list[psutil.Process]:
-    """This process's decode workers, but those in `other` (other tests' shared pools, in the same process)."""
-    return [p for p in psutil.Process().children() if "worker_main" in " ".join(p.cmdline()) and p.pid not in other]
+    """This process's live decode workers, but those in `other` (other tests' shared pools, in the same process). A
+    worker that has just exited (retired, killed) and is not yet reaped is a zombie whose command line cannot be read:
+    it is no worker any more, and left out rather than raising."""
+
+    def is_worker(p: psutil.Process) -> bool:
+        try:
+            return "worker_main" in " ".join(p.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            return False
+
+    return [p for p in psutil.Process().children() if p.pid not in other and is_worker(p)]
 
 
 def _others() -> frozenset:
