@@ -18,6 +18,7 @@ out of the mean).
 
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
                            [--candidates today,new,...] [--results FILE] [--table [--metric M]]
+    python -m bench.recipe --pool FILE:CANDIDATE:BASELINE [FILE:CANDIDATE:BASELINE ...] [--tasks T]
 
 With --table, --tasks, --seeds and --candidates choose the rows the table shows (a candidate brings its baseline).
 """
@@ -218,6 +219,34 @@ def select(rows: dict[tuple[str, str, int], dict], tasks: list[str] | None = Non
             and (seeds is None or k[2] in seeds)}
 
 
+METRICS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1")
+
+
+def pool(specs: list[str], tasks: list[str] | None = None) -> str:
+    """Paired differences pooled over results files: each FILE:CANDIDATE:BASELINE gives, per task, its candidate
+    minus that baseline on every seed both ran in that file (the same validation split); the pairs of all specs
+    together are then one mean ± its standard error per metric. Which side is subtracted is the spec's to say, so
+    "default:r3-res224" in one file pools with "default-res288:default" in another."""
+    pairs: dict[str, list[tuple[str, dict[str, float]]]] = {}
+    for spec in specs:
+        path, cand, base = spec.rsplit(":", 2)
+        rows = done_runs(Path(path))
+        for (task, c, seed), r in rows.items():
+            b = rows.get((task, base, seed))
+            if c != cand or b is None or (tasks and task not in tasks) or any(m not in r or m not in b
+                                                                             for m in METRICS):
+                continue
+            pairs.setdefault(task, []).append((f"{Path(path).name} s{seed}",
+                                               {m: 100 * (r[m] - b[m]) for m in METRICS}))
+    lines = []
+    for task, got in pairs.items():
+        lines.append(f"{task}: {len(got)} pairs, " + ", ".join(name for name, _ in got))
+        for m in METRICS:
+            each = ", ".join(f"{d[m]:+.1f}" for _, d in got)
+            lines.append(f"  {m.removeprefix('val_'):<18} {paired([d[m] for _, d in got])}  ({each})")
+    return "\n".join(lines) or "no pairs: no seed of a spec's file has both of its sides"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", help=f"default {','.join(RUN_TASKS)}; with --table: only these tasks' rows (default all)")
@@ -227,9 +256,17 @@ def main() -> None:
                     "rows and their baselines' (default all)")
     ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON lines, one per finished run (appended)")
     ap.add_argument("--table", action="store_true", help="print the table of what the results file holds, run nothing")
-    ap.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_balanced_accuracy",
-                                                                 "val_macro_f1"))
+    ap.add_argument("--metric", default="val_accuracy", choices=METRICS)
+    ap.add_argument("--pool", nargs="+", metavar="FILE:CANDIDATE:BASELINE",
+                    help="print the paired differences CANDIDATE minus BASELINE of each results FILE, pooled over "
+                    "the files (every metric; --tasks filters), run nothing")
     args = ap.parse_args()
+    if args.pool:
+        bad = [s for s in args.pool if s.count(":") < 2 or not Path(s.rsplit(":", 2)[0]).is_file()]
+        if bad:
+            ap.error(f"--pool {bad[0]!r}: give FILE:CANDIDATE:BASELINE with an existing results file")
+        print(pool(args.pool, None if args.tasks is None else args.tasks.split(",")))
+        return
     results = Path(args.results)
     try:
         seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]

@@ -303,3 +303,31 @@ def test_the_recipe_table_shows_only_the_tasks_seeds_and_candidates_asked_for(tm
         recipe.main()
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.strip().splitlines()[-1].startswith("recipe: error: --seeds")
+
+
+def test_the_recipe_pool_pairs_each_file_its_own_way_and_pools_the_pairs(tmp_path, monkeypatch, capsys):
+    """`--pool FILE:CANDIDATE:BASELINE ...`: each file's pairs are that file's candidate minus its baseline on the
+    seeds both ran (a seed with one side only is no pair), and all pairs together give one mean ± se per metric."""
+    from bench import recipe
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"task": "elpv-fourclass", "candidate": c, "seed": s, "wall_s": 1.0,
+                                            "val_accuracy": a, "val_balanced_accuracy": a / 2,
+                                            "val_macro_f1": a / 4}) + "\n" for c, s, a in rows))
+        return path
+
+    # round "a": big minus small is +0.02 and +0.04; round "b" names its sides the other way round: +0.06; seed 9
+    # of "b" has no baseline row and pairs with nothing
+    a = write("a.jsonl", [("default", 0, 0.70), ("big", 0, 0.72), ("default", 1, 0.60), ("big", 1, 0.64)])
+    b = write("b.jsonl", [("small", 5, 0.50), ("default", 5, 0.56), ("default", 9, 0.9)])
+    monkeypatch.setattr(sys, "argv", ["recipe", "--pool", f"{a}:big:default", f"{b}:default:small"])
+    recipe.main()
+    out = capsys.readouterr().out
+    assert "elpv-fourclass: 3 pairs, a.jsonl s0, a.jsonl s1, b.jsonl s5" in out
+    assert "accuracy           +4.0 ± 1.2 pts  (+2.0, +4.0, +6.0)" in out  # sd 2.0 / sqrt(3)
+    assert "balanced_accuracy  +2.0 ± 0.6 pts" in out
+    monkeypatch.setattr(sys, "argv", ["recipe", "--pool", f"{tmp_path / 'none.jsonl'}:big:default"])
+    with pytest.raises(SystemExit) as stop:
+        recipe.main()
+    assert stop.value.code == 2 and "none.jsonl" in capsys.readouterr().err.strip().splitlines()[-1]
