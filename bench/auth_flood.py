@@ -12,7 +12,6 @@ close to 1.0), with the 401s answered per second alongside.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import shutil
@@ -26,6 +25,7 @@ import httpx
 
 from bench.common import header, ratio, row
 from bench.serve_load import load, payloads
+from models.runtime import OneLineParser
 
 
 def flood(url: str, items: list[tuple[str, bytes]], threads: int, stop, answered) -> None:
@@ -54,7 +54,7 @@ def flood(url: str, items: list[tuple[str, bytes]], threads: int, stop, answered
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", default="runs/demo")
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)

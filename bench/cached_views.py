@@ -19,7 +19,6 @@ fidelity  the same recipes through both paths (`python -m bench.recipe` with and
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from bench.common import header, ratio, read_jsonl, row
 from bench.quality import ROOT
+from models.runtime import OneLineParser
 
 SPEED_FLAGS = ["--limit-per-class", "160", "--epochs", "10", "--stages", "finetune", "--seed", "0", "--no-progress",
                "--device", "cpu", "--img-size", "224"]
@@ -173,7 +173,7 @@ def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], vi
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=("speed", "fidelity"))
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)

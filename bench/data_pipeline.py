@@ -15,7 +15,6 @@ each (the cache rebuilt from empty for each cold repeat). A second row runs torc
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.common import header, ratio, real_size_jpegs, row
+from models.runtime import OneLineParser
 
 SCALE = (0.35, 1.0)
 
@@ -90,7 +90,7 @@ def main() -> None:
     from models.runtime import ensure_allocator_env
 
     ensure_allocator_env()  # as the pupil CLI does: both sides run in this process, with these settings
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)

@@ -16,12 +16,12 @@ Two workloads, each 3 repeats (min, median, max; the headline is the ratio of me
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
 from bench.common import elpv_images, header, ratio, real_size_jpegs, row
+from models.runtime import OneLineParser
 
 
 def folder(paths: list[str], timeout: float, workers: int = 2) -> tuple[float, list]:
@@ -44,7 +44,7 @@ def requests(blobs: list[bytes], pool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)

@@ -12,7 +12,6 @@ tests/reliability/test_fuzz.py runs a few hundred of these cases, and every name
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -24,6 +23,8 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from models.runtime import OneLineParser
 
 # ------------------------------------------------------------------------------------------------------ seeds
 
@@ -255,7 +256,7 @@ def run_service(url: str, batch: list[tuple[str, str, bytes]], deadline: float) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=10.0, help="seconds after which one decode counts as a hang")

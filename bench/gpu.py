@@ -28,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from models.runtime import OneLineParser
+
 ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / ".gpu"
 ELPV = Path(os.environ.get("PUPIL_GPU_ELPV", GPU / "elpv"))  # gpu.sh unpacks .gpu/elpv.zip there
@@ -422,7 +424,7 @@ def main() -> None:
 
     import torch
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default=DEFAULT_STEPS, help=f"comma-separated, from {', '.join(STEPS)}")
     ap.add_argument("--deadline", type=float, default=330.0,
                     help="start no step after this many seconds (default 330: the script ends within 6 minutes)")

@@ -8,20 +8,20 @@ cost of the stem and what the fine-tune makes of it.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
 import numpy as np
 
 from bench.common import elpv_images, header
+from models.runtime import OneLineParser
 
 
 def main() -> None:
     from models.runtime import ensure_allocator_env
 
     ensure_allocator_env()  # as the pupil CLI does
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--per-class", type=int, default=240)
     ap.add_argument("--img-size", type=int, default=160)

@@ -12,7 +12,6 @@ the last answer (goal: memory returned after the burst), and the answers by stat
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 
 from bench.common import BENCH_DIR, elpv_images, header
+from models.runtime import OneLineParser
 
 
 class Peaks:
@@ -71,7 +71,7 @@ def folder(cases: int) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", default="runs/demo")
     ap.add_argument("--cases", type=int, default=300)
     args = ap.parse_args()

@@ -14,7 +14,6 @@ error over the repeats).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ import sys
 
 from bench.common import header, ratio, row
 from bench.serve_load import load, payloads
+from models.runtime import OneLineParser
 
 
 def start(side: str, artifact: str):
@@ -52,7 +52,7 @@ def settle(limit_s: float = 30.0, idle_pct: float = 10.0) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", default="runs/demo")
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)

@@ -9,7 +9,6 @@ best epoch by accuracy (what it would do), the others by macro-F1.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import header
+from models.runtime import OneLineParser
 
 MODES = ("posthoc", "sampler", "none", "loss")
 
@@ -42,7 +42,7 @@ def main() -> None:
     from models.runtime import ensure_allocator_env
 
     ensure_allocator_env()
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--seeds", type=int, default=8)
     args = ap.parse_args()
     from training.config import TrainConfig

@@ -15,7 +15,6 @@ fine-tune per cell did not fit this session's CPU time).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.quality import task_folder
+from models.runtime import OneLineParser
 
 
 def features(task: str):
@@ -61,7 +61,7 @@ def probe_test_accuracy(x, y, xs, ys, k: int, keep: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="digits,elpv-binary")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rate", type=float, default=0.05)

@@ -9,12 +9,12 @@ Test figures report what a recipe gives; choosing a recipe by them would make th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from bench.common import paired
+from models.runtime import OneLineParser
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -57,7 +57,7 @@ def table(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict], names:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", help="FILE:SIDE, the side whose figures come first")
     ap.add_argument("b", help="FILE:SIDE, what it is paired with")
     ap.add_argument("--tasks", default="", help="only these tasks (comma-separated)")

@@ -20,7 +20,6 @@ epoch and temperature were chosen on these images too; the test split is never r
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench.tta import val_logits  # noqa: E402
 from training.metrics import LOGIT_ADJUSTMENT_TAUS as TODAY  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
+from models.runtime import OneLineParser  # noqa: E402
 
 WIDE = tuple(np.round(np.arange(0, 3.01, 0.25), 2))
 RULES = {  # name: (the objective tau is chosen by, the taus tried); the first is today's rule
@@ -133,7 +133,7 @@ def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, repea
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--repeats", type=int, default=50, help="random stratified halvings of each validation split")
     ap.add_argument("--ordered", action="store_true", help="the classes' sorted names are levels: judge the ordinal "

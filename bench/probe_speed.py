@@ -15,7 +15,6 @@ Repeats: ours 3 whole probes; usual: 3 measured epochs, its 10-epoch time taken 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.common import header, row, spread
+from models.runtime import OneLineParser
 
 ALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 
@@ -92,7 +92,7 @@ def run_usual(data: str, split: dict, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--per-class", type=int, default=160)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--epochs", type=int, default=10)

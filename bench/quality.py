@@ -14,7 +14,6 @@ changes that split and the training's randomness, never the test split.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from models.runtime import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("PUPIL_BENCH_DIR", Path.home() / ".cache" / "pupil" / "bench")) / "quality"
@@ -96,7 +97,7 @@ def merged(before: list[dict], rows: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--tasks", default="elpv-binary,elpv-fourclass,elpv-type,digits,faces")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sides", default="default,probe,small_cnn")

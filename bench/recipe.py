@@ -24,7 +24,6 @@ With --table, --tasks, --seeds and --candidates choose the rows the table shows 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from bench.common import paired, read_jsonl
 from bench.quality import ROOT, WORK, ran_at, task_folder
+from models.runtime import OneLineParser
 
 TODAY = ["--crop", "rrc", "--crop-scale", "0.35", "--eval-crop", "0.875", "--backbone-lr", "0.1",
          "--freeze-stages", "0", "--amp", "off", "--epochs", "10", "--label-smoothing", "0.1", "--img-size", "224"]
@@ -248,7 +248,7 @@ def pool(specs: list[str], tasks: list[str] | None = None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", help=f"default {','.join(RUN_TASKS)}; with --table: only these tasks' rows (default all)")
     ap.add_argument("--seeds", help=f"default {','.join(map(str, RUN_SEEDS))}; with --table: only these seeds' rows "
                     "(default all)")

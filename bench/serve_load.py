@@ -14,7 +14,6 @@ ones `pupil serve` sets) and may use both cores:
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import statistics
@@ -30,6 +29,7 @@ from PIL import Image
 
 from bench.common import elpv_images, header, spread
 from pupil.server import auth_headers
+from models.runtime import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def load(url: str, items: list[tuple[str, bytes]], count: int, concurrency: int)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--counts", default="40,160,160", help="requests at concurrency 1, 8, 32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sides", default="pupil,plain",

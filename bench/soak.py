@@ -17,7 +17,6 @@ of the tree every 5 s and its slope after the first minute (goal: flat); p50/p99
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -30,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pupil.server import auth_headers
+from models.runtime import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "soak.json"
@@ -228,7 +228,7 @@ def server_processes(pids: list[int]) -> set[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", default="runs/demo")
     ap.add_argument("--target", choices=("image", "serve"), default="image")
     ap.add_argument("--minutes", type=float, default=30)

@@ -26,7 +26,6 @@ file, so a session can run one rung, or one task, at a time.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from bench import recipe
 from bench.common import paired, read_jsonl
+from models.runtime import OneLineParser
 
 RESULTS = Path(__file__).resolve().parent / "results" / "study.jsonl"
 TASKS = ("elpv-binary", "elpv-fourclass", "elpv-type", "digits", "faces")
@@ -179,7 +179,7 @@ def table(rows: list[dict], tasks: list[str]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--rungs", default="0,1,final", help="which rungs to run, in order (each only once its inputs "
                                                           "are finished)")

@@ -28,7 +28,6 @@ fixed at process start); its torch uses both cores.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 from bench.common import header, ratio, row
+from models.runtime import OneLineParser
 
 ALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 VARIANTS = {  # name: (allocator, cache, channels_last, frozen BN, bf16, frozen stages)
@@ -156,7 +156,7 @@ def run_pupil(data: str, args, settings: dict) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--per-class", type=int, default=160)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--role")

@@ -7,17 +7,17 @@ CNN 88.4 % average accuracy, an SVM on hand-crafted features 82.4 %.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 from bench.common import header
+from models.runtime import OneLineParser
 
 
 def main() -> None:
     from models.runtime import ensure_allocator_env
 
     ensure_allocator_env()  # as the pupil CLI does
-    ap = argparse.ArgumentParser()
+    ap = OneLineParser()
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--img-size", type=int, default=224)
     args = ap.parse_args()

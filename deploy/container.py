@@ -34,6 +34,8 @@ from pathlib import Path
 from .buildah import (CONTAINER_CERT, IMAGE, WORK, buildah, image_exists, image_size, prune_builds, require_tools, run,
                       say, storage_driver)
 
+from models.runtime import OneLineParser
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/pupil-base:bookworm"
 
@@ -216,7 +218,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.container", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m deploy.container", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="base image (once), Bento, then the Bento's image with buildah")
     b.add_argument("artifact", help="artifact or run directory (e.g. runs/demo)")

@@ -13,6 +13,7 @@ torch is imported inside the functions that need it: the CPU service runs withou
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from contextlib import contextmanager
@@ -159,4 +160,21 @@ def same_random_streams(device=None) -> Iterator[None]:
         finally:
             random.setstate(py)
             np.random.set_state(npy)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr ("pupil serve: ..."; `--help` shows the usage) and exit status 2:
+    the parser of every command line here (pupil, service.bento, deploy.container, the benchmarks). A module run
+    with `python -m` is named so in its usage and errors, not as its file ("recipe.py")."""
+
+    def __init__(self, *args, **kwargs):
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if not args and "prog" not in kwargs and spec is not None and spec.origin \
+                and os.path.abspath(sys.argv[0]) == spec.origin:
+            kwargs["prog"] = f"python -m {spec.name}"
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 

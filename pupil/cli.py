@@ -8,7 +8,7 @@ from dataclasses import MISSING, fields
 
 from models.decoder import DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS
-from models.runtime import ensure_allocator_env
+from models.runtime import OneLineParser, ensure_allocator_env
 
 from .commands import (cmd_build, cmd_check, cmd_compare, cmd_demo, cmd_evaluate, cmd_export, cmd_lr_find, cmd_predict,
                        cmd_serve, cmd_train, cmd_verify)
@@ -83,17 +83,10 @@ def bare_flags(argv: list[str]) -> list[str]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad command line is one line on stderr ("pupil serve: ..."; `--help` shows the usage) and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from training.config import TrainConfig
 
-    p = _Parser(prog="pupil", description="Fine-tune an ImageNet CNN on a folder of images, "
+    p = OneLineParser(prog="pupil", description="Fine-tune an ImageNet CNN on a folder of images, "
                                 "report honestly, serve it with BentoML.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)

@@ -14,13 +14,14 @@ It runs as its own process because building imports service.service, which reads
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
+
+from models.runtime import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_PACKAGES = ["torch", "torchvision", "timm"]
@@ -66,7 +67,7 @@ def build(tag: str, *, gpu: bool = False, base_image: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bento", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m service.bento", description=__doc__.split("\n\n")[0])
     p.add_argument("tag", help="the model's tag in BentoML's store")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--base-image")
