@@ -31,10 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from models.runtime import OneLineParser
+
 from .buildah import (CONTAINER_CERT, IMAGE, WORK, buildah, image_exists, image_size, prune_builds, require_tools, run,
                       say, storage_driver)
-
-from models.runtime import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/pupil-base:bookworm"

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from training.config import TrainConfig
 
     p = OneLineParser(prog="pupil", description="Fine-tune an ImageNet CNN on a folder of images, "
-                                "report honestly, serve it with BentoML.")
+                                                "report honestly, serve it with BentoML.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
 
