@@ -3,6 +3,9 @@ file or a bad option, prints one line on stderr that names the problem and exits
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +125,19 @@ def test_a_bad_value_caught_after_parsing_is_one_line_and_exit_2(shapes_dir, cap
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="no-such-run"):
         main(["--debug", "predict", str(tmp_path / "no-such-run"), "x.png"])
+
+
+def test_every_command_line_here_answers_a_bad_flag_in_one_line():
+    """pupil, service.bento, deploy.container and the benchmarks parse with models.runtime.OneLineParser: a bad flag
+    is one line on stderr naming the command as it was typed, and exit status 2 (argparse's own parser printed its
+    usage first). Read from the code too, so that a new command line that forgets it is caught."""
+    root = Path(__file__).resolve().parents[1]
+    plain = [str(p.relative_to(root)) for room in ("pupil", "models", "training", "service", "deploy", "bench")
+             for p in (root / room).glob("*.py") if "argparse.ArgumentParser(" in p.read_text()]
+    assert plain == []
+    for module, name in [("pupil", "pupil"), ("service.bento", "python -m service.bento"),
+                         ("deploy.container", "python -m deploy.container"), ("bench.recipe", "python -m bench.recipe")]:
+        r = subprocess.run([sys.executable, "-m", module, "build", "--no-such-flag"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (module, r.stderr)
+        assert r.stderr.startswith(name) and f"(see {name}" in r.stderr, r.stderr
