@@ -317,7 +317,7 @@ def test_the_recipe_pool_pairs_each_file_its_own_way_and_pools_the_pairs(tmp_pat
                                             "val_macro_f1": a / 4}) + "\n" for c, s, a in rows))
         return path
 
-    # round "a": big minus small is +0.02 and +0.04; round "b" names its sides the other way round: +0.06; seed 9
+    # file "a": big minus default is +0.02 and +0.04; file "b" names its sides the other way round: +0.06; seed 9
     # of "b" has no baseline row and pairs with nothing
     a = write("a.jsonl", [("default", 0, 0.70), ("big", 0, 0.72), ("default", 1, 0.60), ("big", 1, 0.64)])
     b = write("b.jsonl", [("small", 5, 0.50), ("default", 5, 0.56), ("default", 9, 0.9)])
