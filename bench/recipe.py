@@ -259,9 +259,13 @@ def main() -> None:
     ap.add_argument("--metric", default="val_accuracy", choices=METRICS)
     ap.add_argument("--pool", nargs="+", metavar="FILE:CANDIDATE:BASELINE",
                     help="print the paired differences CANDIDATE minus BASELINE of each results FILE, pooled over "
-                    "the files (every metric; --tasks filters), run nothing")
+                    "the files (every metric; --tasks filters, no other option applies), run nothing")
     args = ap.parse_args()
     if args.pool:
+        others = [f for f, v in (("--table", args.table), ("--seeds", args.seeds), ("--candidates", args.candidates),
+                                 ("--metric", args.metric != "val_accuracy")) if v]
+        if others:
+            ap.error(f"--pool takes only --tasks: it pools every metric over the seeds each file pairs, not {others[0]}")
         bad = [s for s in args.pool if s.count(":") < 2 or not Path(s.rsplit(":", 2)[0]).is_file()]
         if bad:
             ap.error(f"--pool {bad[0]!r}: give FILE:CANDIDATE:BASELINE with an existing results file")

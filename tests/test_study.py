@@ -332,3 +332,9 @@ def test_the_recipe_pool_pairs_each_file_its_own_way_and_pools_the_pairs(tmp_pat
         recipe.main()
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "none.jsonl" in err
+    # an option --pool would not apply is refused, not silently dropped
+    monkeypatch.setattr(sys, "argv", ["recipe", "--pool", f"{a}:big:default", "--table"])
+    with pytest.raises(SystemExit) as stop:
+        recipe.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--table" in err
