@@ -128,7 +128,9 @@ class TrainConfig:
     ordinal: bool = opt(False, "the classes are ordered (in their sorted names' order, e.g. p000 < p033 < p067 < p100): "
                                "label smoothing goes to the neighbouring classes, not to all")
     freeze_stages: int = opt(2, "pretrained models: keep the stem and the first N stages fixed (no gradient, less "
-                                "backward work; 0: train every layer)")
+                                "backward work; 0: train every layer, which lost accuracy on ELPV 4-class, -2.1 +- 0.8 points over 3 "
+                                "seeds on validation, and binary balanced accuracy on the GPU round: BENCHMARKS.md, "
+                                "Round 3 on this CPU)")
     cached_views: int = opt(0, "compute the frozen layers (--freeze-stages) once for N augmented views of each "
                                "training image, cycled over the epochs, and train the rest from them (faster epochs; "
                                "fewer views than epochs is a different augmentation: BENCHMARKS.md, Cached views); "
