@@ -88,7 +88,8 @@ class TrainConfig:
     stages: str = opt("both", "probe (head only, on cached features) | finetune | both (small_cnn and --pretrained "
                               "none: finetune only)", choices=("probe", "finetune", "both"))
     epochs: int = opt(20, "fine-tune epochs (the most; early stopping and --time-limit may run fewer; 20 won over 10 "
-                          "on validation: BENCHMARKS.md, Recipe study on a lent GPU)")
+                          "on validation: BENCHMARKS.md, Recipe study on a lent GPU; 30 with --patience 10 gained nothing over 20 "
+                          "on ELPV 4-class: Round 3 on this CPU)")
     probe_epochs: int = opt(100, "full-batch steps of the linear probe on cached features")
     img_size: int = opt(0, "input size in pixels (0: auto, the model's default, 224 for efficientnet_lite0, 128 for "
                            "small_cnn; but 288 for efficientnet_lite0 fine-tuned without --time-limit on images whose "
