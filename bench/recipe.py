@@ -256,14 +256,14 @@ def main() -> None:
                     "rows and their baselines' (default all)")
     ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON lines, one per finished run (appended)")
     ap.add_argument("--table", action="store_true", help="print the table of what the results file holds, run nothing")
-    ap.add_argument("--metric", default="val_accuracy", choices=METRICS)
+    ap.add_argument("--metric", choices=METRICS, help="with --table: the metric of the table (default val_accuracy)")
     ap.add_argument("--pool", nargs="+", metavar="FILE:CANDIDATE:BASELINE",
                     help="print the paired differences CANDIDATE minus BASELINE of each results FILE, pooled over "
                     "the files (every metric; --tasks filters, no other option applies), run nothing")
     args = ap.parse_args()
     if args.pool:
         others = [f for f, v in (("--table", args.table), ("--seeds", args.seeds), ("--candidates", args.candidates),
-                                 ("--metric", args.metric != "val_accuracy")) if v]
+                                 ("--metric", args.metric)) if v]
         if others:
             ap.error(f"--pool takes only --tasks: it pools every metric over the seeds each file pairs, not {others[0]}")
         bad = [s for s in args.pool if s.count(":") < 2 or not Path(s.rsplit(":", 2)[0]).is_file()]
@@ -282,7 +282,7 @@ def main() -> None:
         ap.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
     tasks = None if args.tasks is None else args.tasks.split(",")
     if args.table:
-        print(table(select(done_runs(results), tasks, candidates, seeds), args.metric))
+        print(table(select(done_runs(results), tasks, candidates, seeds), args.metric or "val_accuracy"))
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     # seed-major: every task and candidate gets a first seed before any gets a second
@@ -296,7 +296,7 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: row.get(k) for k in ("task", "candidate", "seed", "val_accuracy",
                                                             "wall_s", "error")}), flush=True)
-    print(table(select(done_runs(results), tasks, candidates, seeds), args.metric))
+    print(table(select(done_runs(results), tasks, candidates, seeds), args.metric or "val_accuracy"))
 
 
 if __name__ == "__main__":

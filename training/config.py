@@ -88,8 +88,8 @@ class TrainConfig:
     stages: str = opt("both", "probe (head only, on cached features) | finetune | both (small_cnn and --pretrained "
                               "none: finetune only)", choices=("probe", "finetune", "both"))
     epochs: int = opt(20, "fine-tune epochs (the most; early stopping and --time-limit may run fewer; 20 won over 10 "
-                          "on validation: BENCHMARKS.md, Recipe study on a lent GPU; 30 with --patience 10 gained nothing over 20 "
-                          "on ELPV 4-class: Round 3 on this CPU)")
+                          "on validation: BENCHMARKS.md, Recipe study on a lent GPU; 30 with --patience 10 gained nothing "
+                          "over 20 on ELPV 4-class: Round 3 on this CPU)")
     probe_epochs: int = opt(100, "full-batch steps of the linear probe on cached features")
     img_size: int = opt(0, "input size in pixels (0: auto, the model's default, 224 for efficientnet_lite0, 128 for "
                            "small_cnn; but 288 for efficientnet_lite0 fine-tuned without --time-limit on images whose "
@@ -129,9 +129,9 @@ class TrainConfig:
     ordinal: bool = opt(False, "the classes are ordered (in their sorted names' order, e.g. p000 < p033 < p067 < p100): "
                                "label smoothing goes to the neighbouring classes, not to all")
     freeze_stages: int = opt(2, "pretrained models: keep the stem and the first N stages fixed (no gradient, less "
-                                "backward work; 0: train every layer, which lost accuracy on ELPV 4-class, -2.1 +- 0.8 points over 3 "
-                                "seeds on validation, and binary balanced accuracy on the GPU round: BENCHMARKS.md, "
-                                "Round 3 on this CPU)")
+                                "backward work; 0: train every layer, which lost on validation: ELPV 4-class accuracy -2.1 +- 0.8 "
+                                "points over 3 seeds, BENCHMARKS.md, Round 3 on this CPU; ELPV binary balanced "
+                                "accuracy -1.7 +- 0.8, Recipe study on a lent GPU)")
     cached_views: int = opt(0, "compute the frozen layers (--freeze-stages) once for N augmented views of each "
                                "training image, cycled over the epochs, and train the rest from them (faster epochs; "
                                "fewer views than epochs is a different augmentation: BENCHMARKS.md, Cached views); "
