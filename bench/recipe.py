@@ -281,8 +281,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
     tasks = None if args.tasks is None else args.tasks.split(",")
+    metric = args.metric or "val_accuracy"
     if args.table:
-        print(table(select(done_runs(results), tasks, candidates, seeds), args.metric or "val_accuracy"))
+        print(table(select(done_runs(results), tasks, candidates, seeds), metric))
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     # seed-major: every task and candidate gets a first seed before any gets a second
@@ -296,7 +297,7 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: row.get(k) for k in ("task", "candidate", "seed", "val_accuracy",
                                                             "wall_s", "error")}), flush=True)
-    print(table(select(done_runs(results), tasks, candidates, seeds), args.metric or "val_accuracy"))
+    print(table(select(done_runs(results), tasks, candidates, seeds), metric))
 
 
 if __name__ == "__main__":

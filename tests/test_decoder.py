@@ -47,14 +47,6 @@ def _workers(other: frozenset = frozenset()) -> list[psutil.Process]:
     return [p for p in psutil.Process().children() if p.pid not in other and is_worker(p)]
 
 
-def _rss(p: psutil.Process) -> int:
-    """Resident bytes of `p`; 0 for one that exited meanwhile (it holds nothing)."""
-    try:
-        return p.memory_info().rss
-    except (psutil.ZombieProcess, psutil.NoSuchProcess):
-        return 0
-
-
 def _others() -> frozenset:
     return frozenset(p.pid for p in _workers())
 
@@ -95,10 +87,12 @@ def test_a_decode_over_the_memory_cap_is_too_many_pixels_and_the_caller_keeps_it
         assert default.square(HUNGRY, 224).shape == (224, 224, 3)
         # and the 600 MB went back: freed by the worker, or the worker replaced (polled, not a fixed sleep: on a busy
         # machine the old worker may take a while to exit)
+        from deploy.check import rss_mb  # 0 for a worker that exited meanwhile
+
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_rss(w) >= 300 * 2**20 for w in _workers(other)):
+        while time.monotonic() < deadline and any(rss_mb([w.pid]) >= 300 for w in _workers(other)):
             time.sleep(0.1)
-        assert all(_rss(w) < 300 * 2**20 for w in _workers(other))
+        assert all(rss_mb([w.pid]) < 300 for w in _workers(other))
 
 
 def test_a_worker_that_dies_is_a_problem_for_its_file_only():
