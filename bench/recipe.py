@@ -8,13 +8,14 @@ Each candidate is a set of `pupil train` flags. "today" spells out the defaults 
 crops down to 35 % of the area, the centre 0.875 at evaluation, the backbone at lr/10, every layer trained, fp32);
 the choice rules of the code under test (the kept model, --flips auto) apply to every candidate alike.
 
-Per run: the kept model's validation accuracy, balanced accuracy and macro-F1, the validation images' per-image
-correctness is not stored, so the paired difference is over seeds: for each (task, seed) the candidate's accuracy
-minus today's on the same validation split, then the mean of those differences and its standard error
-(sd / sqrt(number of pairs)). One line per finished run goes to the results file as it ends (JSON lines), so a stop
-loses nothing and a second invocation skips what is done; a run stopped mid-way is resumed from its last epoch's
-checkpoint (`pupil train --resume`; its row's "resumed_at_epoch" says so, and the table leaves its partial wall time
-out of the mean).
+Per run: the kept model's validation accuracy, balanced accuracy and macro-F1, and the same without its post-hoc
+logit adjustment (unadjusted_val_*: the tau-0 column of the adjustment's record; runs since 2026-12-06, before it
+only macro-F1). The validation images' per-image correctness is not stored, so the paired difference is over
+seeds: for each (task, seed) the candidate's accuracy minus today's on the same validation split, then the mean of
+those differences and its standard error (sd / sqrt(number of pairs)). One line per finished run goes to the
+results file as it ends (JSON lines), so a stop loses nothing and a second invocation skips what is done; a run
+stopped mid-way is resumed from its last epoch's checkpoint (`pupil train --resume`; its row's "resumed_at_epoch"
+says so, and the table leaves its partial wall time out of the mean).
 
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
                            [--candidates today,new,...] [--results FILE] [--table [--metric M]]
@@ -165,7 +166,19 @@ def run_figures(out: Path) -> dict:
             "val_accuracy": v["accuracy"], "val_balanced_accuracy": v["balanced_accuracy"],
             "val_macro_f1": v["macro_f1"], "val_n": v["n"], "kept": m.get("kept"), "flips": m.get("flips"),
             "epochs_run": m["epochs_run"], "train_images_per_s": m["train_images_per_s"],
-            "phases": m.get("phases"), "cached_views_info": m.get("cached_views"), **finetune_figures(m)}
+            "phases": m.get("phases"), "cached_views_info": m.get("cached_views"), **finetune_figures(m),
+            **unadjusted_figures(m)}
+
+
+def unadjusted_figures(m: dict) -> dict:
+    """The kept model's validation figures without the post-hoc logit adjustment (its tau 0, recorded beside the
+    tau it chose; the kept figures themselves where the run made none): every candidate scored both ways from the
+    same run. None where the run's metrics.json predates the per-tau record (only macro-F1 was kept then)."""
+    adj, out = m.get("logit_adjustment"), {}
+    for k in ("accuracy", "balanced_accuracy", "macro_f1"):
+        by_tau = adj.get(f"val_{k}") or {} if adj else {"0.0": m["val"][k]}
+        out[f"unadjusted_val_{k}"] = by_tau.get("0.0", by_tau.get(0.0))  # JSON keys are strings; a fresh record's not
+    return out
 
 
 def run_dir(task: str, candidate: str, seed: int, tag: str = "") -> Path:
@@ -185,18 +198,18 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
     validation splits (mean +- standard error over the pairs)."""
     tasks = sorted({t for t, _, _ in rows}, key=lambda t: list(rows).index(next(k for k in rows if k[0] == t)))
     cands = [c for c in CANDIDATES if any(k[1] == c for k in rows)]
-    lines = [f"| task | candidate | seeds | validation {metric.removeprefix('val_')} (mean ± sd) | minus its baseline "
+    lines = [f"| task | candidate | seeds | validation {metric.replace('val_', '')} (mean ± sd) | minus its baseline "
              "(paired over seeds, mean ± se) | wall s (mean) |", "| --- | --- | --- | --- | --- | --- |"]
     for task in tasks:
         for c in cands:
-            ok = {s: r for (t, cc, s), r in rows.items() if t == task and cc == c and metric in r}
+            ok = {s: r for (t, cc, s), r in rows.items() if t == task and cc == c and r.get(metric) is not None}
             if not ok:
                 continue
             vals = [r[metric] for r in ok.values()]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             base = BASELINE.get(c, "today")
             pairs = [r[metric] - rows[(task, base, s)][metric] for s, r in ok.items()
-                     if c != base and metric in rows.get((task, base, s), {})]
+                     if c != base and rows.get((task, base, s), {}).get(metric) is not None]
             if pairs:
                 each = ", ".join(f"{100 * p:+.1f}" for p in pairs)
                 diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs: {each})"
@@ -220,6 +233,8 @@ def select(rows: dict[tuple[str, str, int], dict], tasks: list[str] | None = Non
 
 
 METRICS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1")
+# the table's too: the kept model without its post-hoc logit adjustment, and the fine-tune's last epoch
+TABLE_METRICS = METRICS + tuple(f"unadjusted_{m}" for m in METRICS) + ("finetune_val_accuracy", "finetune_val_macro_f1")
 
 
 def pool(specs: list[str], tasks: list[str] | None = None) -> str:
@@ -256,7 +271,9 @@ def main() -> None:
                     "rows and their baselines' (default all)")
     ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON lines, one per finished run (appended)")
     ap.add_argument("--table", action="store_true", help="print the table of what the results file holds, run nothing")
-    ap.add_argument("--metric", choices=METRICS, help="with --table: the metric of the table (default val_accuracy)")
+    ap.add_argument("--metric", choices=TABLE_METRICS, help="with --table: the metric of the table (default "
+                    "val_accuracy; unadjusted_*: the same kept model without the post-hoc logit adjustment, runs "
+                    "since it was recorded; finetune_*: the fine-tune's last epoch)")
     ap.add_argument("--pool", nargs="+", metavar="FILE:CANDIDATE:BASELINE",
                     help="print the paired differences CANDIDATE minus BASELINE of each results FILE, pooled over "
                     "the files (every metric; --tasks filters, no other option applies), run nothing")

@@ -105,6 +105,15 @@ def test_logit_adjustment_moves_decisions_to_the_rare_class_only_when_it_pays():
     assert record["tau"] > 0 and record["val_macro_f1"][record["tau"]] > record["val_macro_f1"][0.0]
     assert bias[1] > bias[0]  # the rare class gains
     torch.testing.assert_close(bias, -record["tau"] * torch.log(torch.tensor([0.9, 0.1])))
+    # every tau's three figures are recorded: at tau 0 the model's own answers (what --balance none would score)
+    from training.metrics import classification_metrics
+
+    for tau in (0.0, record["tau"]):
+        probs = torch.softmax(logits - tau * torch.log(torch.tensor([0.9, 0.1])), -1).numpy()
+        m = classification_metrics(probs, y, ["0", "1"])
+        for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+            assert record[f"val_{name}"][tau] == pytest.approx(m[name])
+    assert record["val_balanced_accuracy"][record["tau"]] > record["val_balanced_accuracy"][0.0]
     # a model that is already right: nothing to gain, tau stays 0
     perfect = torch.tensor(np.stack([5.0 * (y == 0), 5.0 * (y == 1)], 1), dtype=torch.float32)
     assert choose_logit_bias(perfect, torch.tensor(y), train_labels, 2)[1]["tau"] == 0.0

@@ -338,3 +338,42 @@ def test_the_recipe_pool_pairs_each_file_its_own_way_and_pools_the_pairs(tmp_pat
         recipe.main()
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "--table" in err
+
+
+def test_a_recipe_row_scores_the_kept_model_with_and_without_its_logit_adjustment(tmp_path, monkeypatch):
+    """A real run with --balance posthoc: its row's unadjusted_val_* are the kept model's own answers on its
+    validation images (read back through the served Predictor, no bias added), and its val_* those answers with the
+    adjustment it chose. A run with no adjustment scores the same both ways; a metrics.json from before the per-tau
+    record gives the macro-F1 it kept and None for the rest, which the table leaves out."""
+    from bench import recipe
+    from bench.posthoc import scores
+    from bench.tta import val_logits
+    from tests.conftest import TINY_FLAGS
+    from tests.test_fit import make_rare_class
+
+    make_rare_class(tmp_path / "task" / "train")  # 10:1 and ambiguous: the adjustment has answers to move
+    monkeypatch.setattr(recipe, "WORK", tmp_path / "work")
+    monkeypatch.setattr(recipe, "task_folder", lambda task: tmp_path / "task")
+    monkeypatch.setitem(recipe.CANDIDATES, "tiny", [*TINY_FLAGS, "--epochs", "4", "--patience", "0", "--img-size",
+                                                    "24", "--stages", "finetune", "--crop", "rrc"])
+    row = recipe.run_one("shapes", "tiny", 0, extra=["--balance", "posthoc"])
+    assert "error" not in row, row
+    out = recipe.run_dir("shapes", "tiny", 0)
+    logits, y, classes, pred = val_logits(out)
+    own, adjusted = scores(logits, y, len(classes)), scores(logits + pred.bias, y, len(classes))
+    for k in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert row[f"unadjusted_val_{k}"] == pytest.approx(own[k], abs=1e-9), k
+        assert row[f"val_{k}"] == pytest.approx(adjusted[k], abs=1e-9), k
+    m = json.loads((out / "metrics.json").read_text())
+    assert own != adjusted  # the adjustment this split chose changed answers: the two sides can tell them apart
+    assert m["logit_adjustment"]["val_accuracy"][str(float(m["logit_adjustment"]["tau"]))] == row["val_accuracy"]
+    plain = recipe.run_one("shapes", "tiny", 1, extra=["--balance", "none"])
+    assert all(plain[f"unadjusted_val_{k}"] == plain[f"val_{k}"] for k in ("accuracy", "macro_f1"))
+    old = {"val": m["val"], "logit_adjustment": {"tau": 0.5, "val_macro_f1": {"0.0": 0.5, "0.5": 0.6}}}
+    assert recipe.unadjusted_figures(old) == {"unadjusted_val_accuracy": None, "unadjusted_val_balanced_accuracy": None,
+                                              "unadjusted_val_macro_f1": 0.5}
+    rows = {("t", "default", 0): {**row, "candidate": "default"}, ("t", "r3-e30", 0): {**row, "wall_s": 1.0},
+            ("t", "r3-e30", 1): {**row, "wall_s": 1.0, "unadjusted_val_accuracy": None}}
+    lines = recipe.table(rows, "unadjusted_val_accuracy").splitlines()
+    assert "validation unadjusted_accuracy" in lines[0]
+    assert [ln.split(" | ")[1:3] for ln in lines[2:]] == [["default", "1"], ["r3-e30", "1"]]
