@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.tta import val_logits  # noqa: E402
 from training.metrics import LOGIT_ADJUSTMENT_TAUS as TODAY  # noqa: E402
+from training.metrics import ANSWER_METRICS as METRICS  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
 from models.runtime import OneLineParser  # noqa: E402
 
@@ -44,7 +45,6 @@ RULES = {  # name: (the objective tau is chosen by, the taus tried); the first i
     "accuracy, today's grid": ("accuracy", TODAY),
     "none (tau 0)": ("accuracy", (0.0,)),
 }
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def scores(logits: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:

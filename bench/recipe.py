@@ -175,9 +175,9 @@ def unadjusted_figures(m: dict) -> dict:
     tau it chose; the kept figures themselves where the run made none): every candidate scored both ways from the
     same run. None where the run's metrics.json predates the per-tau record (only macro-F1 was kept then)."""
     adj, out = m.get("logit_adjustment"), {}
-    for k in ("accuracy", "balanced_accuracy", "macro_f1"):
-        by_tau = (adj.get(f"val_{k}") or {}) if adj else {"0.0": m["val"][k]}
-        out[f"unadjusted_val_{k}"] = by_tau.get("0.0", by_tau.get(0.0))  # JSON keys are strings; a fresh record's not
+    for name in METRICS:  # val_accuracy, ...: the record's own keys
+        by_tau = (adj.get(name) or {}) if adj else {"0.0": m["val"][name.removeprefix("val_")]}
+        out[f"unadjusted_{name}"] = by_tau.get("0.0", by_tau.get(0.0))  # JSON keys are strings; a fresh record's not
     return out
 
 

@@ -184,6 +184,7 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float = 0.95
 
 
 LOGIT_ADJUSTMENT_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # the strengths --balance posthoc chooses from
+ANSWER_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # the figures that depend on the answers alone
 
 
 def choose_logit_bias(logits: torch.Tensor, labels: torch.Tensor, train_labels: np.ndarray, k: int,
@@ -195,13 +196,12 @@ def choose_logit_bias(logits: torch.Tensor, labels: torch.Tensor, train_labels: 
     answers, what `--balance none` would have scored with the same kept model)."""
     counts = np.bincount(np.asarray(train_labels), minlength=k).astype(np.float64)
     log_prior = torch.tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
-    names = ("accuracy", "balanced_accuracy", "macro_f1")
-    scores: dict[str, dict[float, float]] = {name: {} for name in names}
+    scores: dict[str, dict[float, float]] = {name: {} for name in ANSWER_METRICS}
     for tau in taus:
         probs = torch.softmax(logits.float() - tau * log_prior, -1).numpy()
         m = classification_metrics(probs, labels.numpy(), [str(i) for i in range(k)])
-        for name in names:
+        for name in ANSWER_METRICS:
             scores[name][tau] = float(m[name])
     tau = max(taus, key=lambda t: (scores["macro_f1"][t], -t))
-    return -tau * log_prior, {"tau": tau, **{f"val_{name}": scores[name] for name in names},
+    return -tau * log_prior, {"tau": tau, **{f"val_{name}": scores[name] for name in ANSWER_METRICS},
                               "log_prior": log_prior.tolist()}
