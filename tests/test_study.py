@@ -113,6 +113,46 @@ def test_posthoc_cross_fitting_chooses_on_one_half_and_scores_the_other():
     assert out["balanced_accuracy, 0-3"]["balanced_accuracy"] > out["none (tau 0)"]["balanced_accuracy"] + 0.1
 
 
+def test_posthoc_fixed_and_bagged_rules():
+    """bench/posthoc.py: a fixed tau is never chosen (every half gets it); the bagged rule (macro-F1 averaged over
+    bootstrap resamples of the choosing half) finds the under-predicted rare class as plain macro-F1 does, and both
+    beat no adjustment on balanced accuracy out of the half they chose on."""
+    import numpy as np
+
+    from bench import posthoc
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(400, int), np.ones(40, int)]
+    logits = np.stack([np.zeros(len(y)), np.where(y == 1, 0.8, -1.2) + rng.normal(0, 0.5, len(y)) - 1.5], 1)
+    log_prior = np.log(np.bincount(y) / len(y))
+    bagged = posthoc.choose(logits, y, log_prior, "bagged_macro_f1", posthoc.TODAY, np.random.default_rng(0))
+    plain = posthoc.choose(logits, y, log_prior, "macro_f1", posthoc.TODAY)
+    assert bagged > 0 and abs(bagged - plain) <= 0.25
+    out = posthoc.cross_fitted(logits, y, log_prior, repeats=3)
+    assert out["fixed tau 1 (Menon et al.)"]["tau"] == 1.0 and out["fixed tau 0.5"]["tau"] == 0.5
+    bag = next(r for r in out if r.startswith("macro_f1 bagged"))
+    for rule in (bag, "fixed tau 1 (Menon et al.)"):
+        assert out[rule]["balanced_accuracy"] > out["none (tau 0)"]["balanced_accuracy"] + 0.1
+
+
+def test_posthoc_summary_pairs_runs_within_their_validation_split_first():
+    """bench/posthoc.py: runs of one seed share their validation images, so a rule's paired difference is averaged
+    within each split before the mean ± se over splits (two runs on split A, one on B: A counts once)."""
+    from bench import posthoc
+
+    def row(split, today, none):
+        rules = {r: {m: today for m in posthoc.METRICS} | {"tau": 0.5} for r in posthoc.RULES}
+        rules["none (tau 0)"] = {m: none for m in posthoc.METRICS} | {"tau": 0.0}
+        return {"run": f"/runs/{split}-{today}", "val_split": split, "rules": rules}
+
+    # differences (points): split A -10 and -20 (mean -15), split B +5: over splits -5.0 ± 10.0
+    rows = [row("A", 0.80, 0.70), row("A", 0.80, 0.60), row("B", 0.70, 0.75)]
+    out = posthoc.summary(rows, repeats=1)
+    assert "3 runs" in out and "2 validation splits" in out
+    none = next(line for line in out.splitlines() if line.startswith("none (tau 0)"))
+    assert "accuracy 0.683 (-5.0 ± 10.0)" in none
+
+
 def test_posthoc_ordinal_rule_cuts_the_expected_level_and_finds_a_rare_middle_class():
     """bench/posthoc.py --ordered: the expected level cut at thresholds chosen on one half finds a middle class whose
     logit never wins the argmax, where no logit adjustment of today's grid does; its macro-F1 is training.metrics'."""
