@@ -7,8 +7,9 @@ the objective, a fixed tau that is not chosen at all, or macro-F1 averaged over 
 smoother objective where a class has a handful of validation images) gives better answers cannot be judged on the
 images it chooses with, so here each finished run's validation images are halved (stratified, `--repeats` random
 halvings): tau is chosen on one half by each rule and scored on the other, both ways round. Per rule and run: the
-out-of-half accuracy, balanced accuracy and macro-F1, averaged over halvings; over runs (seeds), each rule's paired
-difference against today's, mean ± standard error.
+out-of-half accuracy, balanced accuracy and macro-F1, averaged over halvings; then each rule's paired difference
+against today's, averaged within each validation split (runs of one seed share theirs), mean ± standard error over
+the splits.
 
 With `--ordered` (classes whose sorted names are levels, such as ELPV's p000 < p033 < p067 < p100) one more rule is
 judged the same way: an ordinal decision in place of the argmax, the expected level (the calibrated probabilities
@@ -22,8 +23,8 @@ epoch and temperature were chosen on these images too; the test split is never r
 """
 from __future__ import annotations
 
-import itertools
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
