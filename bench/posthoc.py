@@ -160,13 +160,14 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep the runs already in --json that were judged by every "
                     "rule of today's list, and compute only the others")
     a = ap.parse_args()
-    rows = []
+    rows, resolved = [], [run.resolve() for run in a.runs]
     if a.reuse and a.json and a.json.exists():
         wanted = set(RULES) | ({ORDINAL} if a.ordered else set())
         rows = [r for r in json.loads(a.json.read_text())
-                if Path(r["run"]) in {run.resolve() for run in a.runs} and wanted <= set(r["rules"])]
+                if Path(r["run"]) in resolved and wanted <= set(r["rules"])]
+    done = {Path(r["run"]) for r in rows}
     for run in a.runs:
-        if any(Path(r["run"]) == run.resolve() for r in rows):
+        if run.resolve() in done:
             continue
         logits, y, classes, pred = val_logits(run)
         level = expected_level(logits, pred.temperature) if a.ordered else None
@@ -185,7 +186,7 @@ def main() -> None:
             print(f"  tau {t:4.2f}: " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()))
         if a.json:
             a.json.write_text(json.dumps(rows, indent=1) + "\n")
-    rows.sort(key=lambda r: a.runs.index(next(run for run in a.runs if run.resolve() == Path(r["run"]))))
+    rows.sort(key=lambda r: resolved.index(Path(r["run"])))
     print(summary(rows, a.repeats))
 
 
