@@ -15,8 +15,7 @@ from pathlib import Path
 
 from bench.common import paired
 from models.runtime import OneLineParser
-
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+from training.metrics import ANSWER_METRICS as METRICS
 
 
 def runs(spec: str) -> dict[tuple[str, int], dict]:
