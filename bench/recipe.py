@@ -202,14 +202,14 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
              "(paired over seeds, mean ± se) | wall s (mean) |", "| --- | --- | --- | --- | --- | --- |"]
     for task in tasks:
         for c in cands:
-            ok = {s: r for (t, cc, s), r in rows.items() if t == task and cc == c and r.get(metric) is not None}
+            ok = {s: r for (t, cc, s), r in rows.items() if t == task and cc == c and figure(r, metric) is not None}
             if not ok:
                 continue
-            vals = [r[metric] for r in ok.values()]
+            vals = [figure(r, metric) for r in ok.values()]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             base = BASELINE.get(c, "today")
-            pairs = [r[metric] - rows[(task, base, s)][metric] for s, r in ok.items()
-                     if c != base and rows.get((task, base, s), {}).get(metric) is not None]
+            pairs = [figure(r, metric) - figure(rows[(task, base, s)], metric) for s, r in ok.items()
+                     if c != base and figure(rows.get((task, base, s), {}), metric) is not None]
             if pairs:
                 each = ", ".join(f"{100 * p:+.1f}" for p in pairs)
                 diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs: {each})"
@@ -220,8 +220,18 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
             resumed = len(ok) - len(whole)
             wall = (f"{statistics.mean(whole):.0f}" if whole else "–") + (f" ({resumed} resumed, not counted)"
                                                                          if resumed else "")
-            lines.append(f"| {task} | {c} | {len(ok)} | {statistics.mean(vals):.3f} ± {sd:.3f} | {diff} | {wall} |")
+            sign = "+" if metric.startswith("adjustment_") else ""
+            lines.append(f"| {task} | {c} | {len(ok)} | {statistics.mean(vals):{sign}.3f} ± {sd:.3f} | {diff} | {wall} |")
     return "\n".join(lines)
+
+
+def figure(row: dict, metric: str) -> float | None:
+    """A row's figure by a table metric's name: one it keeps, or adjustment_val_*, what the post-hoc logit
+    adjustment changed within the run (its kept val_* minus its own unadjusted_val_*; None where either is)."""
+    if metric.startswith("adjustment_"):
+        kept, own = row.get(metric.removeprefix("adjustment_")), row.get(f"unadjusted_{metric.removeprefix('adjustment_')}")
+        return None if kept is None or own is None else kept - own
+    return row.get(metric)
 
 
 def select(rows: dict[tuple[str, str, int], dict], tasks: list[str] | None = None,
@@ -234,7 +244,9 @@ def select(rows: dict[tuple[str, str, int], dict], tasks: list[str] | None = Non
 
 METRICS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 # the table's too: the kept model without its post-hoc logit adjustment, and the fine-tune's last epoch
-TABLE_METRICS = METRICS + tuple(f"unadjusted_{m}" for m in METRICS) + ("finetune_val_accuracy", "finetune_val_macro_f1")
+# and what the adjustment changed within each run (kept minus unadjusted)
+TABLE_METRICS = (METRICS + tuple(f"unadjusted_{m}" for m in METRICS) + ("finetune_val_accuracy", "finetune_val_macro_f1")
+                 + tuple(f"adjustment_{m}" for m in METRICS))
 
 
 def pool(specs: list[str], tasks: list[str] | None = None) -> str:
@@ -273,7 +285,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the table of what the results file holds, run nothing")
     ap.add_argument("--metric", choices=TABLE_METRICS, help="with --table: the metric of the table (default "
                     "val_accuracy; unadjusted_*: the same kept model without the post-hoc logit adjustment, runs "
-                    "since it was recorded; finetune_*: the fine-tune's last epoch)")
+                    "since it was recorded; finetune_*: the fine-tune's last epoch; adjustment_*: what the adjustment changed "
+                    "within each run, the kept figure minus the unadjusted one)")
     ap.add_argument("--pool", nargs="+", metavar="FILE:CANDIDATE:BASELINE",
                     help="print the paired differences CANDIDATE minus BASELINE of each results FILE, pooled over "
                     "the files (every metric; --tasks filters, no other option applies), run nothing")

@@ -417,3 +417,22 @@ def test_a_recipe_row_scores_the_kept_model_with_and_without_its_logit_adjustmen
     lines = recipe.table(rows, "unadjusted_val_accuracy").splitlines()
     assert "validation unadjusted_accuracy" in lines[0]
     assert [ln.split(" | ")[1:3] for ln in lines[2:]] == [["default", "1"], ["r3-e30", "1"]]
+
+
+def test_the_recipe_table_reports_what_the_logit_adjustment_changed_within_each_run():
+    """--metric adjustment_val_*: each run's kept figure minus its own unadjusted one, mean ± sd over the runs, and
+    the candidate's change paired against its baseline's on the same seed; a run without an unadjusted figure is
+    left out rather than counted as no change."""
+    from bench import recipe
+
+    def row(cand, kept, own):
+        return {"candidate": cand, "wall_s": 1.0, "val_accuracy": kept, "unadjusted_val_accuracy": own}
+
+    rows = {("t", "default", 0): row("default", 0.80, 0.78), ("t", "default", 1): row("default", 0.70, 0.74),
+            ("t", "r3-e30", 0): row("r3-e30", 0.75, 0.80), ("t", "r3-e30", 1): row("r3-e30", 0.90, 0.90),
+            ("t", "r3-e30", 2): row("r3-e30", 0.90, None)}
+    lines = recipe.table(rows, "adjustment_val_accuracy").splitlines()
+    assert "validation adjustment_accuracy" in lines[0]
+    cells = [ln.split(" | ") for ln in lines[2:]]
+    assert [c[1:4] for c in cells] == [["default", "2", "-0.010 ± 0.042"], ["r3-e30", "2", "-0.025 ± 0.035"]]
+    assert "(2 pairs: -7.0, +4.0)" in cells[1][4]  # (-0.05 - 0.02) and (0.00 - -0.04), in points
