@@ -229,7 +229,8 @@ def figure(row: dict, metric: str) -> float | None:
     """A row's figure by a table metric's name: one it keeps, or adjustment_val_*, what the post-hoc logit
     adjustment changed within the run (its kept val_* minus its own unadjusted_val_*; None where either is)."""
     if metric.startswith("adjustment_"):
-        kept, own = row.get(metric.removeprefix("adjustment_")), row.get(f"unadjusted_{metric.removeprefix('adjustment_')}")
+        name = metric.removeprefix("adjustment_")
+        kept, own = row.get(name), row.get(f"unadjusted_{name}")
         return None if kept is None or own is None else kept - own
     return row.get(metric)
 
