@@ -75,8 +75,9 @@ def with_preset(settings: dict[str, Any]) -> dict[str, Any]:
 class TrainConfig:
     data: str = opt("", "folder with one sub-folder of images per class, or train/ val/ (test/) splits of them")
     preset: str = opt("default", "fast (the linear probe only: about a minute) | default | best (efficientnet_lite2 "
-                                 "at 260 px, 30 epochs fitted to a 60-minute --time-limit; on ELPV no better than default so "
-                                 "far, on test and validation: BENCHMARKS.md); flags you give win",
+                                 "at 260 px, 30 epochs fitted to a 60-minute --time-limit; on ELPV binary no better than "
+                                 "default, on 4-class worse in accuracy, on test and validation: BENCHMARKS.md); "
+                                 "flags you give win",
                       choices=tuple(PRESETS))
     labels: str = opt("", "a CSV/TSV of path,label[,split] rows, paths relative to DATA (default: DATA/metadata.csv "
                           "if there is one, else one sub-folder per class)")
