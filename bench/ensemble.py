@@ -22,7 +22,6 @@ Each run's validation logits are kept beside it (bench-val-logits.npz) and read 
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.posthoc import choose, halves, scores  # noqa: E402
+from bench.posthoc import choose, halves, scores, split_digest, train_log_prior  # noqa: E402
 from bench.tta import val_logits  # noqa: E402
 from models.runtime import OneLineParser  # noqa: E402
 from training.metrics import ANSWER_METRICS as METRICS  # noqa: E402
@@ -52,10 +51,8 @@ def member(run: Path) -> dict:
         logits, y, _, _ = val_logits(run)
         np.savez(cache, logits=logits, y=y)
     split = json.loads((run / "split.json").read_text())
-    m = json.loads((run / "metrics.json").read_text())
-    counts = np.array([m["counts"]["train"][c] for c in split["classes"]], float)
-    return {"run": run, "logits": logits.astype(np.float64), "y": y, "log_prior": np.log(counts / counts.sum()),
-            "split": hashlib.sha256(json.dumps(sorted(split["val"])).encode()).hexdigest()[:16]}
+    return {"run": run, "logits": logits.astype(np.float64), "y": y,
+            "log_prior": train_log_prior(run, split["classes"]), "split": split_digest(split["val"])}
 
 
 def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, masks: list[np.ndarray]) -> dict:

@@ -124,6 +124,18 @@ def halves(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+def train_log_prior(run: Path, classes: list[str]) -> np.ndarray:
+    """The log of each class's share of a finished run's training images (metrics.json's counts), in `classes`' order."""
+    m = json.loads((run / "metrics.json").read_text())
+    counts = np.array([m["counts"]["train"][c] for c in classes], float)
+    return np.log(counts / counts.sum())
+
+
+def split_digest(val: list[str]) -> str:
+    """A validation split's name: a digest of its images' paths (runs of one task and seed share it)."""
+    return hashlib.sha256(json.dumps(sorted(val)).encode()).hexdigest()[:16]
+
+
 def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, repeats: int, seed: int = 0,
                  level: np.ndarray | None = None) -> dict:
     """Each rule chosen on one stratified half and scored on the other, averaged; with `level` (the expected level
@@ -171,13 +183,10 @@ def main() -> None:
             continue
         logits, y, classes, pred = val_logits(run)
         level = expected_level(logits, pred.temperature) if a.ordered else None
-        m = json.loads((run / "metrics.json").read_text())
-        counts = np.array([m["counts"]["train"][c] for c in classes], float)
-        log_prior = np.log(counts / counts.sum())
+        log_prior = train_log_prior(run, classes)
         frontier = {float(t): scores(logits - t * log_prior, y, len(classes)) for t in WIDE}
         val = json.loads((run / "split.json").read_text())["val"]
-        row = {"run": str(run.resolve()), "n": len(y),
-               "val_split": hashlib.sha256(json.dumps(sorted(val)).encode()).hexdigest()[:16],
+        row = {"run": str(run.resolve()), "n": len(y), "val_split": split_digest(val),
                "val_counts": np.bincount(y, minlength=len(classes)).tolist(),
                "frontier": frontier, "rules": cross_fitted(logits, y, log_prior, a.repeats, level=level)}
         rows.append(row)
