@@ -11,6 +11,8 @@ sit beside timm's at the top level:
   metrics           the validation summary (accuracy, macro_f1, ...)
   weights_sha256    hash of model.safetensors, checked on every load
   pupil_version, created_at, data_fingerprint, pretrained_source
+  ensemble_members  present where the weights are several fine-tunes averaged (models/ensemble.py): timm's
+                    local-dir loader reads single models only
   onnx_*            written by the export (models.export): the ONNX file's hash, its parity, and the CAM head
 
 Reading (`read_artifact`) needs neither torch nor pickle: JSON and a hash. `load_artifact` adds the torch model,
@@ -28,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .spec import ModelSpec
+from .spec import MAX_MEMBERS, ModelSpec
 
 FORMAT = "pupil-artifact/1"
 CONFIG = "config.json"
@@ -135,6 +137,7 @@ def save_artifact(
             "pupil_version": pupil_version(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "weights_sha256": sha256_file(tmp / WEIGHTS),
+            **({"ensemble_members": spec.members} if spec.members > 1 else {}),
             **(extra or {}),
         }
         write_config(tmp, config)
@@ -200,6 +203,7 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
         crop_pct=float(p.get("crop_pct", 0.875)),
         model_args=dict(cfg.get("model_args") or {}),
         pretrained_source=cfg.get("pretrained_source", ""),
+        members=int(cfg.get("ensemble_members") or 1),
     )
 
 
@@ -207,6 +211,7 @@ def read_artifact(directory: str | Path, *, verify: bool = True) -> Artifact:
     """config.json and the weights' hash, checked; no torch, no model built. Raises ArtifactError naming the file."""
     directory = Path(directory)
     cfg = read_config(directory)
+    _typed(cfg, "ensemble_members", directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"artifact is missing {weights}")
@@ -244,9 +249,13 @@ def _typed(cfg: dict[str, Any], key: str, directory: Path) -> Any:
         v = v or None
         ok = v is None or (isinstance(v, list) and len(v) == cfg["num_classes"]
                            and all(isinstance(b, (int, float)) and abs(b) < float("inf") for b in v))
-    elif key == "cam_head":
+    elif key == "cam_head":  # one head's tensor names, or an ensemble's: a list, a name per member
         v = v or None
-        ok = v is None or (isinstance(v, dict) and isinstance(v.get("weight"), str))
+        w = v.get("weight") if isinstance(v, dict) else None
+        ok = v is None or isinstance(w, str) or (isinstance(w, list) and bool(w) and all(isinstance(k, str) for k in w))
+    elif key == "ensemble_members":
+        v = 1 if v is None else v
+        ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_MEMBERS
     if not ok:
         raise ArtifactError(f"{directory / CONFIG}: {key} is {json.dumps(v)[:80]}, which is not a valid {key}")
     return v

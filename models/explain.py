@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -50,6 +51,12 @@ def class_activation_map(features: np.ndarray, weight: np.ndarray, class_index: 
     """ReLU(W_c . F) for one image's feature map F (C x h x w) and the linear head's weight (K x C)."""
     cam = np.tensordot(weight[class_index].astype(np.float64), features.astype(np.float64), axes=(0, 0))
     return np.maximum(cam, 0.0)
+
+
+def cam_weight(tensors: Sequence[np.ndarray]) -> np.ndarray:
+    """The linear head's weight (K x C) from its tensor; for an ensemble (models/ensemble.py), the one head (K x sum
+    C) equal to averaging the members' heads over their own channels of the concatenated feature map."""
+    return (np.concatenate([np.asarray(t, dtype=np.float32) for t in tensors], 1) / len(tensors)).astype(np.float32)
 
 
 def jet(x: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,11 +51,14 @@ class _LogitsAndFeatures(torch.nn.Module):
         return self.model.forward_head(features), features
 
 
-def cam_head(model: torch.nn.Module) -> dict[str, str] | None:
+def cam_head(model: torch.nn.Module) -> dict[str, Any] | None:
     """The state-dict keys of the head's weight and bias if the head is exactly global average pooling + one linear
     layer (then CAM from the features equals Grad-CAM), checked numerically on random features; else None."""
+    from .ensemble import Averaged, member_keys
     from .pretrained import head_keys
 
+    if isinstance(model, Averaged):  # each member's head, listed: the predictor puts them side by side
+        return member_keys([cam_head(m) for m in model.members])  # type: ignore[misc]
     clf = model.get_classifier()
     if not isinstance(clf, torch.nn.Linear):
         return None

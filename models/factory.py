@@ -93,7 +93,14 @@ def reset_head(model: nn.Module) -> None:
 
 
 def build_from_spec(spec: ModelSpec) -> nn.Module:
-    """An uninitialised model of the spec's architecture (weights come from the artifact)."""
+    """An uninitialised model of the spec's architecture (weights come from the artifact); an ensemble's members
+    averaged (models.ensemble.Averaged) where the spec has more than one."""
+    if spec.members > 1:
+        from dataclasses import replace
+
+        from .ensemble import Averaged
+
+        return Averaged([build_from_spec(replace(spec, members=1)) for _ in range(spec.members)])
     if spec.architecture == SMALL_CNN:
         return SmallCNN(num_classes=spec.num_classes, **spec.model_args)
     import timm

@@ -17,7 +17,7 @@ import numpy as np
 
 from .artifact import Artifact, ArtifactError, locate, read_artifact
 from .decoder import DEFAULT_DECODE_TIMEOUT, shared_pool
-from .explain import Explanation, ExplainUnavailable, class_activation_map, heat_map
+from .explain import Explanation, ExplainUnavailable, cam_weight, class_activation_map, heat_map
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_square
 from .onnxrt import ONNX, onnx_current, onnx_session
 from .preprocess import center, normalize
@@ -285,6 +285,7 @@ class Predictor:
                     "for Grad-CAM")
             from safetensors import safe_open
 
+            names = head["weight"] if isinstance(head["weight"], list) else [head["weight"]]  # an ensemble: a list
             with safe_open(str(self.artifact.path / "model.safetensors"), framework="numpy") as f:
-                self._head = f.get_tensor(head["weight"]).astype(np.float32)
+                self._head = cam_weight([f.get_tensor(k) for k in names])
         return self._head

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_MEMBERS = 16  # an ensemble's members at most (models/ensemble.py)
+
 
 @dataclass
 class ModelSpec:
@@ -22,6 +24,7 @@ class ModelSpec:
     crop_pct: float = 0.875
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained_source: str = "none"
+    members: int = 1  # an ensemble of this many fine-tunes of the architecture (models/ensemble.py), averaged
 
     @property
     def in_chans(self) -> int:

@@ -50,13 +50,14 @@ class Calibration:
 
 
 def finish(state: TrainState, prep: Prepared, setup: TrainSetup, run_dir: Path, t_start: float,
-           phases: dict[str, float]) -> RunResult:
-    """Calibrate and choose the abstention threshold on validation; then, once, the test split; write everything."""
+           phases: dict[str, float], score_test: bool = True) -> RunResult:
+    """Calibrate and choose the abstention threshold on validation; then, once, the test split (unless not
+    score_test); write everything."""
     # the numbers a user gets from the artifact: at serving's precision (fp32 on a CPU even where training ran bf16)
     train_amp, setup = setup.amp, setup.serving()
     cal = calibrate(prep.model, prep, setup)
     test = evaluate_test(prep.model, prep.test, setup, cal.temperature, cal.threshold, cal.bias) \
-        if len(prep.test) else {}
+        if len(prep.test) and score_test else {}
     out = record(state, prep, setup, cal, test, t_start, phases, train_amp)
     artifact_dir = run_dir / "model"
     if setup.dist.main:
@@ -162,7 +163,8 @@ def write_outputs(state: TrainState, prep: Prepared, setup: TrainSetup, cal: Cal
                           label_issues=state.probe.get("label_issues"))
     log(f"report: {report}")
     lo, hi = val.get("accuracy_ci95", (0.0, 1.0))
-    log(f"kept epoch {state.best_epoch}: validation " + ", ".join(
+    kept = f"kept epoch {state.best_epoch}" if state.best_epoch is not None else f"kept the {state.kept['kept']}"
+    log(f"{kept}: validation " + ", ".join(
         f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
         + (f" (accuracy's 95 % interval {lo:.3f}-{hi:.3f} over {len(prep.val)} images)" if val else "")
         + f"; temperature {cal.temperature:.2f}; wrote {artifact_dir}")
@@ -196,6 +198,7 @@ def _reproducibility(cfg: TrainConfig, setup: TrainSetup, train_amp) -> dict[str
 
     return {
         "seed": cfg.seed,
+        "split_seed": cfg.data_seed,
         "deterministic_on_cpu": setup.device.type == "cpu",
         "device": str(setup.device),
         "processes": setup.dist.world,

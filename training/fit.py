@@ -50,13 +50,18 @@ from .views import evaluate_cached, split_precision, why_not
 # ------------------------------------------------------------------------------------------------------ the recipe
 
 
-def fit(cfg: TrainConfig) -> RunResult:
+def fit(cfg: TrainConfig, score_test: bool = True) -> RunResult:
+    """score_test False: DATA/test is left unscored (an ensemble's member: the ensemble is what gets tested)."""
     asked = cfg.resolved()
     with run_lock(asked.out, int(os.environ.get("RANK", 0)) == 0):
-        return fit_locked(cfg, asked)
+        if asked.ensemble > 1:
+            from .ensemble import fit_ensemble
+
+            return fit_ensemble(cfg, asked, fit)
+        return fit_locked(cfg, asked, score_test)
 
 
-def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
+def fit_locked(cfg: TrainConfig, asked: TrainConfig, score_test: bool = True) -> RunResult:
     t_start = time.perf_counter()
     cfg = replace(cfg, out=asked.out)  # the run folder the lock was taken on, default name included
     setup, prep = start(cfg)
@@ -108,7 +113,7 @@ def fit_locked(cfg: TrainConfig, asked: TrainConfig) -> RunResult:
     state.kept = choose_kept(state, prep, setup) if finetunes(cfg) else {"kept": "probe", "epoch": 0}
     if averaged:
         state.kept["averaged"] = averaged
-    return finish(state, prep, setup, run_dir, t_start, phases)
+    return finish(state, prep, setup, run_dir, t_start, phases, score_test)
 
 
 def finetunes(cfg: TrainConfig) -> bool:

@@ -71,11 +71,11 @@ def start(cfg: TrainConfig) -> tuple[TrainSetup, Prepared]:
 def prepare(cfg: TrainConfig, dist: Dist, device: torch.device) -> Prepared:
     """Scan and split the folder, build the model (on the device), decode every image once into the cache."""
     spec = TableSpec(cfg.labels, cfg.path_col, cfg.label_col, cfg.split_col)
-    manifest = split_manifest(scan_data(cfg.data, spec, max_pixels=cfg.max_pixels), cfg.val_split, cfg.seed)
+    manifest = split_manifest(scan_data(cfg.data, spec, max_pixels=cfg.max_pixels), cfg.val_split, cfg.data_seed)
     reason = trainability(manifest)
     if reason:
         raise DataError(reason)
-    limit_per_class(manifest, cfg.limit_per_class, cfg.seed)
+    limit_per_class(manifest, cfg.limit_per_class, cfg.data_seed)
     classes = manifest.classes
 
     extra: dict[str, Any] = {"width": cfg.width, "depth": cfg.depth} if cfg.model == "small_cnn" else {}
