@@ -210,6 +210,7 @@ class ImageClassifier:
         return {
             "classes": a.labels,
             "architecture": a.spec.architecture,
+            "ensemble_members": a.spec.members,
             "input_size": a.spec.input_size,
             "mean": list(a.spec.mean),
             "std": list(a.spec.std),

@@ -102,6 +102,8 @@ def test_the_service_serves_an_ensemble(ensemble_run, tmp_path):
     image = sorted((root / "test" / "red").glob("*.png"))[0]
     with Server.for_artifact(result.run_dir, host=None) as s:
         r = httpx.post(f"{s.url}/classify", files={"image": ("x.png", image.read_bytes(), "image/png")}, timeout=60)
+        meta = httpx.post(f"{s.url}/metadata", timeout=60).json()
+    assert meta["ensemble_members"] == 2 and meta["architecture"] == "small_cnn"
     assert r.status_code == 200, r.text
     answer = r.json()
     from models.predictor import Predictor
