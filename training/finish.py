@@ -160,7 +160,8 @@ def write_outputs(state: TrainState, prep: Prepared, setup: TrainSetup, cal: Cal
                           best_epoch=state.best_epoch,
                           config={**asdict(cfg), "probe": state.probe, "lr_find": out["lr_find"]},
                           data_summary={"counts": out["counts"], "skipped": out["skipped"]}, mistakes=mistakes,
-                          label_issues=state.probe.get("label_issues"))
+                          label_issues=state.probe.get("label_issues"),
+                          ensemble=state.kept if state.kept.get("kept") == "ensemble" else None)
     log(f"report: {report}")
     lo, hi = val.get("accuracy_ci95", (0.0, 1.0))
     kept = f"kept epoch {state.best_epoch}" if state.best_epoch is not None else f"kept the {state.kept['kept']}"

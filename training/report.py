@@ -237,16 +237,33 @@ def _label_issues_section(out_dir: Path, found: dict[str, Any]) -> str:
     return "".join(parts) + "</div>"
 
 
+def _ensemble_section(ensemble: dict[str, Any], out_dir: Path) -> str:
+    """An --ensemble run: its members, each alone, beside what the page above says of them together."""
+    rows = []
+    for r in ensemble.get("members", []):
+        link = Path(r["dir"]) / "report.html"
+        try:
+            link = link.relative_to(out_dir)
+        except ValueError:
+            pass
+        rows.append([r["seed"], r.get("best_epoch"), r.get("val_accuracy"), r.get("val_balanced_accuracy"), str(link)])
+    return ("<h2>Ensemble</h2><p>This model answers with the mean of its members' logits; the logit adjustment, "
+            "temperature and threshold above were chosen on those averaged answers. Each member alone, on the same "
+            "validation split (its own choices made on it too, so optimistic like the figures above):</p>"
+            + _table(rows, ["seed", "epoch kept", "validation accuracy", "balanced accuracy", "its report"]))
+
+
 def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes: list[str],
                  history: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
                  data_summary: dict[str, Any] | None = None, mistakes: Sequence[Mistake] = (),
                  probe: dict[str, Any] | None = None, test: dict[str, Any] | None = None,
                  best_epoch: int | None = None, split: str = "validation",
-                 label_issues: dict[str, Any] | None = None) -> Path:
+                 label_issues: dict[str, Any] | None = None, ensemble: dict[str, Any] | None = None) -> Path:
     """Write report.html and the plots (curves.png, confusion.png, reliability.png) into out_dir.
 
     metrics: those of `split` (a training run's validation split; the folder `pupil evaluate` was given). test: a
-    training run's test split, or {} when it had none (the page then says so); None for `pupil evaluate`."""
+    training run's test split, or {} when it had none (the page then says so); None for `pupil evaluate`.
+    ensemble: an --ensemble run's kept record (training.ensemble: its members, each with its own figures)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots: dict[str, bytes] = {}
     curves = plot_curves(history or [], probe)
@@ -273,6 +290,8 @@ def write_report(out_dir: Path, *, title: str, metrics: dict[str, Any], classes:
                      f"are {100 * ab['precision']:.1f}% right (target {100 * ab['target_precision']:.0f}%"
                      f"{'' if ab['met'] else ', not reached: the model is not that precise at any threshold'}).</p>")
     parts.append(_test_section(test, classes, evaluated=test is not None))
+    if ensemble:
+        parts.append(_ensemble_section(ensemble, out_dir))
     if data_summary:
         parts.append("<h2>Data</h2>")
         counts = data_summary.get("counts", {})
