@@ -12,7 +12,8 @@ The logit adjustment, temperature and abstention threshold are chosen afresh on 
 member's own choices are for that member alone), as BENCHMARKS.md's averaging measurement did. With --resume a member
 that finished with the same settings is kept and one that was stopped continues from its last.pt; the ensemble is
 then put together again. A member kept from an earlier run must have been trained on this split (its data
-fingerprint is checked), else the run stops and says which.
+fingerprint is checked), else the run stops and says which. --time-limit is shared equally among the members; the
+ensemble's own finish (one validation and one test pass through every member) comes on top of it.
 """
 from __future__ import annotations
 
