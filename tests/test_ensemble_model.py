@@ -73,6 +73,8 @@ def test_members_share_one_split_start_apart_and_leave_the_test_split_to_the_ens
     ens = _weights(result.artifact_dir)
     assert all(torch.equal(ens[f"members.0.{k}"], w0[k]) for k in w0) and len(ens) == 2 * len(w0)
     assert json.loads((result.artifact_dir / "config.json").read_text())["ensemble_members"] == 2
+    again = TrainConfig.from_file(result.run_dir / "config.yaml")  # `pupil train --config` repeats the ensemble
+    assert again.ensemble == 2 and again.seed == 0 and again.epochs == 3
     report = (result.run_dir / "report.html").read_text()
     assert "<h2>Ensemble</h2>" in report and "members/1/report.html" in report
 

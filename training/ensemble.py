@@ -99,7 +99,7 @@ def fit_ensemble(cfg: TrainConfig, asked: TrainConfig, fit: Callable[..., RunRes
     prep.model = Averaged([a.model for a in arts]).to(setup.device).eval()
     prep.spec = setup.spec = spec
     if setup.dist.main:
-        replace(cfg, out=asked.out).save(run_dir / "config.yaml", asked=asked)
+        asked.save(run_dir / "config.yaml")  # the members' own config.yaml hold each one's automatic choices
         prep.manifest.save_split(run_dir / "split.json")
     state = SimpleNamespace(history=[], probe={}, best_epoch=None, lr_find={}, batch_size=members[0].batch_size,
                             kept={"kept": "ensemble", "members": rows})
