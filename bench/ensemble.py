@@ -12,7 +12,9 @@ half and scored on the other, both ways round, and averaged (bench.posthoc's pro
 
 Per ensemble: its cross-fitted accuracy, balanced accuracy and macro-F1 minus the mean of its members' own (what
 the second model adds over a single model of the same recipes, the members weighted alike), and the same at tau 0
-on the whole split (no choice made there: the ranking itself). Then, per group, the mean over its pairs; mean ± se
+on the whole split (no choice made there: the ranking itself); and, for the ensembles that hold the first run
+given of their split, minus that run alone (`pupil train --ensemble 2`'s member 0 is the single run a user has
+without it). Then, per group, the mean over its pairs; mean ± se
 over the groups (each group is its own validation split). Every member's kept epoch and temperature were chosen on
 these images, so single models and ensembles alike carry that optimism; the test split is never read.
 
@@ -85,25 +87,34 @@ def judge_group(members: list[dict], repeats: int, seed: int = 0) -> dict:
         for idx in itertools.combinations(range(len(members)), size):
             fig = cross_fitted(np.mean([members[i]["logits"] for i in idx], axis=0), y, lp, masks)
             gain = {k: 100 * (v - np.mean([alone[i][k] for i in idx])) for k, v in fig.items()}
-            out["ensembles"].append({"members": list(idx), "size": size, "figures": fig, "gain": gain})
+            row = {"members": list(idx), "size": size, "figures": fig, "gain": gain}
+            if 0 in idx:  # against the first run given alone (--ensemble's member 0: the single run a user has today)
+                row["gain_vs_first"] = {k: 100 * (v - alone[0][k]) for k, v in fig.items()}
+            out["ensembles"].append(row)
     return out
 
 
 def summary(groups: list[dict], repeats: int) -> str:
-    """Per ensemble size: the gain over the members alone, averaged within each group, then mean ± se over groups."""
+    """Per ensemble size: the gain over the members alone (and, on a second line, over the first run given alone),
+    averaged within each group, then mean ± se over groups."""
     keys = list(METRICS) + [f"unadjusted_{m}" for m in METRICS]
     lines = [f"\ncross-fitted (today's tau chosen on one stratified half, scored on the other; {repeats} halvings x "
              f"2); unadjusted_*: tau 0 on the whole split. Ensemble minus the mean of its members alone (points), "
-             "averaged within each validation split, then mean ± se over the splits"]
+             "averaged within each validation split, then mean ± se over the splits; 'vs first': minus the first "
+             "run of its split given, alone"]
     for size in sorted({e["size"] for g in groups for e in g["ensembles"]}):
-        per = [g for g in groups if any(e["size"] == size for e in g["ensembles"])]
         label = "pairs" if size == 2 else f"{size} runs"
-        cells = []
-        for k in keys:
-            d = np.array([np.mean([e["gain"][k] for e in g["ensembles"] if e["size"] == size]) for g in per])
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-            cells.append(f"{k} {d.mean():+.1f} ± {se:.1f}")
-        lines.append(f"{label:8s} ({len(per)} splits)  " + "  ".join(cells))
+        for field, name in (("gain", label), ("gain_vs_first", f"{label} vs first")):
+            per = [[e[field] for e in g["ensembles"] if e["size"] == size and field in e] for g in groups]
+            per = [p for p in per if p]
+            if not per:
+                continue
+            cells = []
+            for k in keys:
+                d = np.array([np.mean([gain[k] for gain in p]) for p in per])
+                se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+                cells.append(f"{k} {d.mean():+.1f} ± {se:.1f}")
+            lines.append(f"{name:8s} ({len(per)} splits)  " + "  ".join(cells))
     return "\n".join(lines)
 
 

@@ -37,6 +37,21 @@ def test_two_runs_with_their_own_noise_answer_better_together_and_a_copy_adds_no
     assert all(abs(v) < 1e-9 for v in same["ensembles"][0]["gain"].values())
 
 
+def test_against_the_first_run_alone_a_weak_first_run_gains_more_than_against_the_members_mean():
+    m = _members([2.0, 0.8, 0.8])  # the first run is the noisy one
+    g = ensemble.judge_group(m, repeats=4)
+    first = {tuple(e["members"]): e for e in g["ensembles"]}
+    assert "gain_vs_first" not in first[(1, 2)] and "gain_vs_first" in first[(0, 1, 2)]
+    e = first[(0, 1)]
+    for k in ("accuracy", "balanced_accuracy"):
+        assert e["gain_vs_first"][k] == pytest.approx(100 * (e["figures"][k] - g["alone"][0][k]))
+        assert e["gain_vs_first"][k] > e["gain"][k] + 1
+    text = ensemble.summary([g], repeats=4)
+    line = next(x for x in text.splitlines() if x.startswith("pairs vs first"))
+    want = np.mean([first[p]["gain_vs_first"]["accuracy"] for p in ((0, 1), (0, 2))])
+    assert f"accuracy {want:+.1f}" in line
+
+
 def test_runs_that_disagree_on_their_labels_are_not_one_split():
     m = _members([1.0, 1.0])
     m[1] = {**m[1], "y": np.roll(m[1]["y"], 1)}
