@@ -67,15 +67,21 @@ def figures(out: Path, wall: float, reused: bool = False) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     t = m["test"]
     return {"accuracy": t["accuracy"], "balanced_accuracy": t["balanced_accuracy"], "macro_f1": t["macro_f1"],
-            "ece": t["ece"], "wall_s": wall, "best_epoch": m["best_epoch"], "val_accuracy": m["val"]["accuracy"],
+            "ece": t["ece"], "wall_s": wall, "val_accuracy": m["val"]["accuracy"],
+            # an --ensemble run's: its members' kept epochs
+            "best_epoch": m["best_epoch"] if (m.get("kept") or {}).get("kept") != "ensemble"
+            else [r.get("best_epoch") for r in m["kept"]["members"]],
             "seed": m.get("reproducibility", {}).get("seed"), "reused": reused, "img_size": ran_at(out)}
 
 
 def ran_at(out: Path) -> int | None:
-    """The input size the run resolved (its config.yaml; --img-size auto picks by the images), None if unknown."""
+    """The input size the run resolved (its artifact's, else its config.yaml's; --img-size auto picks by the
+    images), None if unknown."""
     from training.config import TrainConfig
 
-    cfg = out / "config.yaml"
+    art, cfg = out / "model" / "config.json", out / "config.yaml"
+    if art.is_file():
+        return int(json.loads(art.read_text())["pretrained_cfg"]["input_size"][-1])
     return TrainConfig.read_file(cfg).get("img_size") if cfg.is_file() else None
 
 

@@ -436,3 +436,18 @@ def test_the_recipe_table_reports_what_the_logit_adjustment_changed_within_each_
     cells = [ln.split(" | ") for ln in lines[2:]]
     assert [c[1:4] for c in cells] == [["default", "2", "-0.010 ± 0.042"], ["r3-e30", "2", "-0.025 ± 0.035"]]
     assert "(2 pairs: -7.0, +4.0)" in cells[1][4]  # (-0.05 - 0.02) and (0.00 - -0.04), in points
+
+
+def test_quality_figures_of_an_ensemble_run_give_the_size_that_ran_and_its_members_epochs(tmp_path):
+    """An --ensemble run's config.yaml says what was asked (img_size 0: auto); its artifact says what ran."""
+    from bench import quality
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"pretrained_cfg": {"input_size": [3, 288, 288]}}))
+    (tmp_path / "config.yaml").write_text("img_size: 0\n")
+    test = {"accuracy": 0.8, "balanced_accuracy": 0.6, "macro_f1": 0.6, "ece": 0.05}
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "test": test, "best_epoch": None, "val": {"accuracy": 0.79}, "reproducibility": {"seed": 3},
+        "kept": {"kept": "ensemble", "members": [{"best_epoch": 16}, {"best_epoch": 20}]}}))
+    row = quality.figures(tmp_path, 10.0)
+    assert row["img_size"] == 288 and row["best_epoch"] == [16, 20] and row["accuracy"] == 0.8
