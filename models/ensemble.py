@@ -8,8 +8,9 @@ maps side by side (channels concatenated) and `forward_head` averages the member
 the ONNX graph's two outputs, Grad-CAM and the ONNX path's CAM keep working unchanged. For a global-pool + linear
 head, the mean of the heads is one linear head over the concatenated features with the members' weights side by side
 divided by N, which is what models.explain.cam_weight builds. Why averaging: on ELPV 4-class, pairs of fine-tunes on one split,
-cross-fitted on validation, scored balanced accuracy +1.5 ± 0.4 and macro-F1 +1.2 ± 0.6 points over their members
-alone (BENCHMARKS.md, "Averaging two fine-tunes of one split").
+cross-fitted on validation, scored macro-F1 +1.2 ± 0.6 points over their members alone (three recipes; the
+defaults' pairs +0.9 ± 0.5), and `--ensemble 2` on test accuracy +1.2 ± 0.7 over the defaults (BENCHMARKS.md,
+"Averaging two fine-tunes of one split", "`pupil train --ensemble 2` on ELPV 4-class").
 """
 from __future__ import annotations
 
