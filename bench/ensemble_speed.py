@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import header, ratio, row  # noqa: E402
 from models.runtime import OneLineParser  # noqa: E402
 
 
@@ -51,10 +52,6 @@ def measure(artifact: Path, threads: int, calls: int, repeats: int) -> dict:
     return {"members": p.spec.members, "input_size": size, "latency_ms": latency, "images_per_s": throughput}
 
 
-def spread(v: list[float]) -> str:
-    return f"min {min(v):.1f}  median {statistics.median(v):.1f}  max {max(v):.1f}"
-
-
 def main() -> None:
     ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("single", type=Path)
@@ -63,14 +60,18 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=40, help="batch-1 calls per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
+    if a.repeats < 3 or a.calls < 1 or a.threads < 1:
+        ap.error("--repeats is 3 or more (every figure here is a median of at least 3), --calls and --threads 1 or more")
+    header("serving an --ensemble artifact against a single model (ONNX Runtime, decoding left out)")
     rows = {}
     for name, path in (("single", a.single), ("ensemble", a.ensemble)):
         rows[name] = r = measure(path, a.threads, a.calls, a.repeats)
-        print(f"{name:8s} ({r['members']} model(s), {r['input_size']} px, {a.threads} thread(s)): batch-1 latency ms "
-              f"{spread(r['latency_ms'])}; batch-32 images/s {spread(r['images_per_s'])}")
+        what = f"{name} ({r['members']} model(s), {r['input_size']} px, {a.threads} thread(s))"
+        print(row(f"{what}: batch-1 latency", r["latency_ms"], "ms", width=70))
+        print(row(f"{what}: batch-32", r["images_per_s"], "images/s", width=70))
     s, e = rows["single"], rows["ensemble"]
-    print(f"ensemble / single, ratio of medians: latency {statistics.median(e['latency_ms']) / statistics.median(s['latency_ms']):.2f}x, "
-          f"throughput {statistics.median(e['images_per_s']) / statistics.median(s['images_per_s']):.2f}x")
+    print(ratio("ensemble / single, batch-1 latency", e["latency_ms"], s["latency_ms"]))
+    print(ratio("ensemble / single, batch-32 throughput", e["images_per_s"], s["images_per_s"]))
 
 
 if __name__ == "__main__":

@@ -77,11 +77,12 @@ def figures(out: Path, wall: float, reused: bool = False) -> dict:
 def ran_at(out: Path) -> int | None:
     """The input size the run resolved (its artifact's, else its config.yaml's; --img-size auto picks by the
     images), None if unknown."""
+    from models.artifact import CONFIG, read_config, spec_from_config
     from training.config import TrainConfig
 
-    art, cfg = out / "model" / "config.json", out / "config.yaml"
-    if art.is_file():
-        return int(json.loads(art.read_text())["pretrained_cfg"]["input_size"][-1])
+    art, cfg = out / "model", out / "config.yaml"
+    if (art / CONFIG).is_file():
+        return spec_from_config(read_config(art)).input_size
     return TrainConfig.read_file(cfg).get("img_size") if cfg.is_file() else None
 
 

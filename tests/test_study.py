@@ -443,7 +443,9 @@ def test_quality_figures_of_an_ensemble_run_give_the_size_that_ran_and_its_membe
     from bench import quality
 
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps({"pretrained_cfg": {"input_size": [3, 288, 288]}}))
+    (tmp_path / "model" / "config.json").write_text(json.dumps({
+        "architecture": "tf_efficientnet_lite0", "num_classes": 2, "label_names": ["a", "b"],
+        "pretrained_cfg": {"input_size": [3, 288, 288], "mean": [0.5] * 3, "std": [0.5] * 3}}))
     (tmp_path / "config.yaml").write_text("img_size: 0\n")
     test = {"accuracy": 0.8, "balanced_accuracy": 0.6, "macro_f1": 0.6, "ece": 0.05}
     (tmp_path / "metrics.json").write_text(json.dumps({

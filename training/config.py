@@ -47,6 +47,7 @@ from typing import Any
 
 from models.decoder import DEFAULT_DECODE_TIMEOUT
 from models.images import DEFAULT_MAX_PIXELS
+from models.artifact import MAX_MEMBERS
 
 
 def opt(default: Any, help: str, **cli: Any) -> Any:
@@ -234,8 +235,8 @@ class TrainConfig:
                              "positive sizes")
         if not 0.0 < c.crop_scale <= 1.0:
             raise ValueError(f"--crop-scale is an area fraction in (0, 1], not {c.crop_scale}")
-        if not 1 <= c.ensemble <= 16:
-            raise ValueError(f"--ensemble is a number of models, 1 to 16, not {c.ensemble}")
+        if not 1 <= c.ensemble <= MAX_MEMBERS:
+            raise ValueError(f"--ensemble is a number of models, 1 to {MAX_MEMBERS}, not {c.ensemble}")
         if c.split_seed < -1:
             raise ValueError(f"--split-seed is a seed, 0 or more (-1: --seed's), not {c.split_seed}")
         if self.from_scratch:
