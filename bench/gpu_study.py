@@ -52,6 +52,7 @@ ROUND3 = {
     "r3-e30": ["--epochs", "30", "--patience", "10"],  # round 1's 30 epochs stopped early at patience 5
     "r3-mixup": ["--mixup", "0.2"],
     "r3-freeze0": ["--freeze-stages", "0"],
+    "r3-train-bn": ["--no-freeze-bn"],  # the learning layers' BatchNorm statistics from the batches (timm, fastai)
 }
 for _name, _flags in ROUND3.items():
     recipe.CANDIDATES[f"study-{_name}"] = _flags
