@@ -17,6 +17,13 @@ results file as it ends (JSON lines), so a stop loses nothing and a second invoc
 stopped mid-way is resumed from its last epoch's checkpoint (`pupil train --resume`; its row's "resumed_at_epoch"
 says so, and the table leaves its partial wall time out of the mean).
 
+A pair is one computation only where both runs ran the same code on the same kind of machine: each row records
+"ran_on" (the commit of the code that trained, "+changes" where training/, models/ or pupil/ differed from it, the
+CPU, its cores and torch), and the table marks the pairs whose two rows differ in it or do not both record it. On
+ELPV 4-class the defaults' seed 0 run again a session later, same flags and seed, scored 1.0 point less accuracy
+and 5.4 more balanced accuracy (BENCHMARKS.md, "BatchNorm statistics that learn"): across sessions a pair is two
+draws, not one.
+
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
                            [--candidates today,new,...] [--results FILE] [--table [--metric M]]
     python -m bench.recipe --pool FILE:CANDIDATE:BASELINE [FILE:CANDIDATE:BASELINE ...] [--tasks T]
@@ -26,6 +33,8 @@ With --table, --tasks, --seeds and --candidates choose the rows the table shows 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -143,10 +152,42 @@ def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     row = {"task": task, "candidate": candidate, "seed": seed, "wall_s": time.perf_counter() - t0,
            "flags": CANDIDATES[candidate] + (extra or []), "finished": time.strftime("%Y-%m-%d %H:%M"),
+           "ran_on": ran_on(),
            **({"resumed_at_epoch": resume_at} if resume_at is not None else {})}
     if r.returncode != 0:
         return {**row, "error": r.stderr[-600:]}
     return {**row, **run_figures(out)}
+
+
+def ran_on() -> dict:
+    """What a run's figures depend on besides its flags and seed: the code (git commit of ROOT, "+changes" where the
+    training code differs from it), the CPU (model name and the instruction sets the kernels choose by), the cores
+    and torch. Two rows that differ here are not one computation run twice."""
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no", "--", "training", "models", "pupil"):
+        commit += "+changes"
+    cpu, isa = platform.processor() or platform.machine(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+        isa = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
+    except OSError:
+        pass
+    return {"commit": commit, "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+def same_computation(a: dict, b: dict) -> bool:
+    """Both rows record where they ran, and it is the same (see ran_on)."""
+    return bool(a.get("ran_on")) and a.get("ran_on") == b.get("ran_on")
 
 
 def interrupted_at(out: Path) -> int | None:
@@ -211,11 +252,14 @@ def table(rows: dict[tuple[str, str, int], dict], metric: str = "val_accuracy") 
             vals = [figure(r, metric) for r in ok.values()]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             base = BASELINE.get(c, "today")
-            pairs = [figure(r, metric) - figure(rows[(task, base, s)], metric) for s, r in ok.items()
-                     if c != base and figure(rows.get((task, base, s), {}), metric) is not None]
+            paired_rows = [(r, rows[(task, base, s)]) for s, r in ok.items()
+                           if c != base and figure(rows.get((task, base, s), {}), metric) is not None]
+            pairs = [figure(r, metric) - figure(b, metric) for r, b in paired_rows]
             if pairs:
                 each = ", ".join(f"{100 * p:+.1f}" for p in pairs)
-                diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs: {each})"
+                apart = sum(not same_computation(r, b) for r, b in paired_rows)
+                diff = f"{paired([100 * p for p in pairs])} vs {base} ({len(pairs)} pairs: {each})" + (
+                    f"; {apart} of them across code or machines" if apart else "")
             else:
                 diff = ""
             # a resumed run's wall_s is its resumed part only: those rows are left out of the mean, and counted

@@ -291,6 +291,7 @@ def test_a_stopped_recipe_run_is_resumed_from_its_checkpoint_not_started_over(tm
     monkeypatch.setitem(recipe.CANDIDATES, "tiny", [*TINY_FLAGS, "--epochs", "2", "--patience", "0"])
     first = recipe.run_one("shapes", "tiny", 0)
     assert "error" not in first and "resumed_at_epoch" not in first, first
+    assert first["ran_on"] == recipe.ran_on()  # the code and machine it ran on, for the table's pairing
     out = recipe.run_dir("shapes", "tiny", 0)
     ran = json.loads((out / "metrics.json").read_text())["history"]
     assert recipe.interrupted_at(out) is None  # finished: nothing to resume
@@ -319,6 +320,32 @@ def test_the_recipe_table_leaves_a_resumed_runs_partial_wall_time_out_of_the_mea
     assert default_line.endswith("| 1500 |")
     assert res224_line.endswith("| 900 (1 resumed, not counted) |")
     assert "+1.5 ± 0.5" in res224_line and "vs default (2 pairs: +1.0, +2.0)" in res224_line
+
+
+def test_the_recipe_table_marks_pairs_whose_runs_ran_other_code_or_machines():
+    """A pair is one computation only where both rows record the same code and machine (ran_on); the table says
+    how many of a candidate's pairs are not, a row without the record counting as not."""
+    from bench import recipe
+
+    here = recipe.ran_on()
+    assert here["cores"] >= 1 and here["torch"] and here["commit"]
+    other = {**here, "commit": "0" * 40}
+
+    def row(cand, seed, acc, on):
+        return {"task": "elpv-fourclass", "candidate": cand, "seed": seed, "val_accuracy": acc, "wall_s": 1.0,
+                **({"ran_on": on} if on else {})}
+
+    def line(rows):
+        out = recipe.table({(r["task"], r["candidate"], r["seed"]): r for r in rows})
+        return next(x for x in out.splitlines() if "| r3-train-bn |" in x)
+
+    same = [row("default", 0, 0.80, here), row("r3-train-bn", 0, 0.81, here),
+            row("default", 1, 0.78, here), row("r3-train-bn", 1, 0.80, here)]
+    assert "vs default (2 pairs: +1.0, +2.0)" in line(same) and "across" not in line(same)
+    mixed = same[:3] + [row("r3-train-bn", 1, 0.80, other)]
+    assert "(2 pairs: +1.0, +2.0); 1 of them across code or machines" in line(mixed)
+    unrecorded = [row("default", 0, 0.80, None), *same[1:]]
+    assert "; 1 of them across code or machines" in line(unrecorded)
 
 
 def test_the_recipe_table_shows_only_the_tasks_seeds_and_candidates_asked_for(tmp_path, monkeypatch, capsys):
