@@ -177,7 +177,9 @@ class TrainConfig:
                            "each epoch's validation, fp32 for the final calibration and test, as served) | off | bf16 "
                            "(the whole step) | fp16",
                    choices=("auto", "off", "bf16", "fp16"))
-    freeze_bn: bool = opt(True, "pretrained models: keep BatchNorm running statistics fixed while fine-tuning")
+    freeze_bn: bool = opt(True, "pretrained models: keep BatchNorm running statistics fixed while fine-tuning "
+                                "(updating those of the layers that learn, as timm and fastai do, gained nothing on "
+                                "ELPV 4-class: BENCHMARKS.md, BatchNorm statistics that learn)")
     compile: bool = opt(False, "torch.compile the model. Off by default, as measured (BENCHMARKS.md): on an H200, "
                                "lite0 at batch 128 gained 2.6 per cent in steady epochs and lost about 12 s compiling, so "
                                "it pays only after some 2.6 million training images (650 epochs of 4,000); not "

@@ -140,7 +140,8 @@ def train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
         return
     for m in model.modules():
         # Batch statistics of 32 images are noisy, and the probe's head was fitted to features normalised with the
-        # running statistics: keep those (the affine weights still learn). Measured on ELPV: see BENCHMARKS.md.
+        # running statistics: keep those (the affine weights still learn). Updating them gained nothing on ELPV
+        # 4-class validation (BENCHMARKS.md, "BatchNorm statistics that learn").
         # A norm whose weights are frozen (--freeze-stages) keeps its statistics whatever --freeze-bn says.
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
                 cfg.freeze_bn or not any(p.requires_grad for p in m.parameters())):
