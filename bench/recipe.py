@@ -20,9 +20,10 @@ says so, and the table leaves its partial wall time out of the mean).
 A pair is one computation only where both runs ran the same code on the same kind of machine: each row records
 "ran_on" (the commit of the code that trained, "+changes" where training/, models/ or pupil/ differed from it, the
 CPU, its cores and torch), and the table marks the pairs whose two rows differ in it or do not both record it. On
-ELPV 4-class the defaults' seed 0 run again a session later, same flags and seed, scored 1.0 point less accuracy
-and 5.4 more balanced accuracy (BENCHMARKS.md, "BatchNorm statistics that learn"): across sessions a pair is two
-draws, not one.
+ELPV 4-class the defaults' seeds 0-2, run again two days later on another machine with the same flags and seeds,
+moved by -2.3 to +2.3 points of accuracy and -7.8 to +5.4 of balanced accuracy (BENCHMARKS.md, "BatchNorm
+statistics that learn"), where the same run repeated on one machine is bit for bit the same: across machines a
+pair is two draws, not one.
 
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
                            [--candidates today,new,...] [--results FILE] [--table [--metric M]]
