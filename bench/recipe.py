@@ -19,7 +19,8 @@ says so, and the table leaves its partial wall time out of the mean).
 
 A pair is one computation only where both runs ran the same code on the same kind of machine: each row records
 "ran_on" (the commit of the code that trained, "+changes" where training/, models/ or pupil/ differed from it, the
-CPU, its cores and torch), and the table marks the pairs whose two rows differ in it or do not both record it. On
+CPU, its cores and torch), and the table marks the pairs whose two rows differ in it or do not both record it (two
+commits count as one code where training/, models/ and pupil/ are the same in both: code_at). On
 ELPV 4-class the defaults' seeds 0-2, run again two days later on another machine with the same flags and seeds,
 moved by -2.3 to +2.3 points of accuracy and -7.8 to +5.4 of balanced accuracy (BENCHMARKS.md, "BatchNorm
 statistics that learn"), where the same run repeated on one machine is bit for bit the same: across machines a
@@ -33,6 +34,7 @@ With --table, --tasks, --seeds and --candidates choose the rows the table shows 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -191,9 +193,37 @@ def ran_on() -> dict:
     return {"commit": commit, "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch": torch.__version__}
 
 
-def same_computation(a: dict, b: dict) -> bool:
-    """Both rows record where they ran, and it is the same (see ran_on)."""
-    return bool(a.get("ran_on")) and a.get("ran_on") == b.get("ran_on")
+CODE = ("training", "models", "pupil")  # the code whose changes ran_on marks, and the code that trains
+
+
+@functools.lru_cache(maxsize=None)
+def code_at(commit: str, root: Path | None = None) -> tuple[str, ...] | None:
+    """git's ids of the trees of the code that trains (CODE) at a commit: two commits that differ only elsewhere
+    (BENCHMARKS.md, bench/, tests/) train alike. None where that cannot be said: uncommitted changes ("+changes"),
+    a commit this clone does not have, no git."""
+    if not commit or "+" in commit or commit == "unknown":
+        return None
+    try:
+        r = subprocess.run(["git", "rev-parse", *(f"{commit}:{d}" for d in CODE)], cwd=root or ROOT,
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ids = tuple(r.stdout.split())
+    return ids if r.returncode == 0 and len(ids) == len(CODE) else None
+
+
+def same_computation(a: dict, b: dict, root: Path | None = None) -> bool:
+    """Both rows record where they ran, and it is the same (see ran_on): the same machine, cores and torch, and the
+    same commit or two commits whose code that trains is the same (code_at)."""
+    ra, rb = a.get("ran_on"), b.get("ran_on")
+    if not ra or not rb:
+        return False
+    if ra == rb:
+        return True
+    if {k: v for k, v in ra.items() if k != "commit"} != {k: v for k, v in rb.items() if k != "commit"}:
+        return False
+    code = code_at(ra.get("commit", ""), root)
+    return code is not None and code == code_at(rb.get("commit", ""), root)
 
 
 def interrupted_at(out: Path) -> int | None:

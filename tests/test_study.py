@@ -3,6 +3,7 @@ missing, from the results file alone."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -346,6 +347,42 @@ def test_the_recipe_table_marks_pairs_whose_runs_ran_other_code_or_machines():
     assert "(2 pairs: +1.0, +2.0); 1 of them across code or machines" in line(mixed)
     unrecorded = [row("default", 0, 0.80, None), *same[1:]]
     assert "; 1 of them across code or machines" in line(unrecorded)
+
+
+def test_two_commits_are_one_computation_only_where_the_code_that_trains_is_the_same(tmp_path):
+    """A commit that changes only the docs or bench/ trains as its parent did, so rows from the two pair as one
+    computation; a commit that changes training/, uncommitted changes, a commit unknown here or another machine do
+    not."""
+    from bench import recipe
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def commit(path, text):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", path)
+        return git("rev-parse", "HEAD")
+
+    git("init", "-q")
+    for d in recipe.CODE:
+        commit(f"{d}/a.py", "x = 1\n")
+    first = commit("BENCHMARKS.md", "one\n")
+    docs_only = commit("BENCHMARKS.md", "two\n")
+    bench_only = commit("bench/recipe.py", "y = 2\n")
+    trains_other = commit("training/a.py", "x = 2\n")
+    machine = {"cpu": "AMD EPYC", "isa": ["avx2"], "cores": 2, "torch": "2.14.1"}
+
+    def same(c1, c2, **other):
+        return recipe.same_computation({"ran_on": {**machine, "commit": c1}},
+                                       {"ran_on": {**machine, "commit": c2, **other}}, root=tmp_path)
+
+    assert same(first, docs_only) and same(first, bench_only) and same(docs_only, first)
+    assert not same(first, trains_other) and not same(bench_only, trains_other)
+    assert not same(first, docs_only + "+changes") and not same(first, "f" * 40)
+    assert not same(first, docs_only, cores=16) and not same(first, first, cpu="Intel Xeon")
 
 
 def test_the_recipe_table_shows_only_the_tasks_seeds_and_candidates_asked_for(tmp_path, monkeypatch, capsys):
