@@ -29,6 +29,7 @@ pair is two draws, not one.
     python -m bench.recipe [--tasks faces,digits,elpv-binary,elpv-fourclass,elpv-type] [--seeds 0,1,2]
                            [--candidates today,new,...] [--results FILE] [--table [--metric M]]
     python -m bench.recipe --pool FILE:CANDIDATE:BASELINE [FILE:CANDIDATE:BASELINE ...] [--tasks T]
+    python -m bench.recipe --resolution FILE [FILE ...] [--tasks T]
 
 With --table, --tasks, --seeds and --candidates choose the rows the table shows (a candidate brings its baseline).
 """
@@ -358,6 +359,44 @@ def pool(specs: list[str], tasks: list[str] | None = None) -> str:
     return "\n".join(lines) or "no pairs: no seed of a spec's file has both of its sides"
 
 
+def resolution(paths: list[Path], tasks: list[str] | None = None) -> str:
+    """What a study of n seeds can resolve, from the pairs the results files hold: per task and metric, the sd of a
+    paired difference (candidate minus its baseline on one seed), pooled over every candidate of every file with at
+    least 3 pairs (each candidate's own mean taken out, so real effects do not count as noise; a pair held by two
+    files counts once), the standard error that sd gives at 3 seeds, and the seeds a true difference of 2 or 3
+    points needs to clear two standard errors 80 % of the time (n = ((2 + 0.84) sd / d)^2)."""
+    import math
+
+    seen, groups = set(), {}  # (task, metric) -> [(degrees of freedom, sum of squares)]
+    for path in paths:
+        rows = done_runs(path)
+        for task, cand in sorted({(t, c) for t, c, _ in rows}):
+            base = BASELINE.get(cand, "today")
+            if cand == base or (tasks and task not in tasks):
+                continue
+            for m in METRICS:
+                diffs = []
+                for (t, c, seed), r in rows.items():
+                    b = rows.get((task, base, seed))
+                    if (t, c) != (task, cand) or b is None or r.get(m) is None or b.get(m) is None:
+                        continue
+                    key = (task, cand, seed, m, r[m], b[m])
+                    if key not in seen:
+                        seen.add(key)
+                        diffs.append(100 * (r[m] - b[m]))
+                if len(diffs) >= 3:
+                    mean = statistics.mean(diffs)
+                    groups.setdefault((task, m), []).append((len(diffs) - 1, sum((d - mean) ** 2 for d in diffs)))
+    lines = []
+    for (task, m), got in groups.items():
+        df = sum(g[0] for g in got)
+        sd = math.sqrt(sum(g[1] for g in got) / df)
+        need = ", ".join(f"{d} pts: {max(2, math.ceil(((2 + 0.84) * sd / d) ** 2))} seeds" for d in (2, 3))
+        lines.append(f"{task} {m.removeprefix('val_'):<18} paired sd {sd:.1f} pts over {len(got)} candidates "
+                     f"({df} degrees of freedom); one se at 3 seeds {sd / math.sqrt(3):.1f} pts; to see {need}")
+    return "\n".join(lines) or "no candidate has 3 pairs with its baseline in these files"
+
+
 def main() -> None:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", help=f"default {','.join(RUN_TASKS)}; with --table: only these tasks' rows (default all)")
@@ -374,7 +413,21 @@ def main() -> None:
     ap.add_argument("--pool", nargs="+", metavar="FILE:CANDIDATE:BASELINE",
                     help="print the paired differences CANDIDATE minus BASELINE of each results FILE, pooled over "
                     "the files (every metric; --tasks filters, no other option applies), run nothing")
+    ap.add_argument("--resolution", nargs="+", metavar="FILE", type=Path,
+                    help="print what a study of these results files' kind can resolve: the paired differences' sd "
+                    "pooled over their candidates, per task and metric, and the seeds a 2- or 3-point difference "
+                    "needs (--tasks filters, no other option applies), run nothing")
     args = ap.parse_args()
+    if args.resolution:
+        others = [f for f, v in (("--table", args.table), ("--seeds", args.seeds), ("--candidates", args.candidates),
+                                 ("--metric", args.metric), ("--pool", args.pool)) if v]
+        if others:
+            ap.error(f"--resolution takes only --tasks, not {others[0]}")
+        missing = [p for p in args.resolution if not p.is_file()]
+        if missing:
+            ap.error(f"--resolution {str(missing[0])!r}: no such results file")
+        print(resolution(args.resolution, None if args.tasks is None else args.tasks.split(",")))
+        return
     if args.pool:
         others = [f for f, v in (("--table", args.table), ("--seeds", args.seeds), ("--candidates", args.candidates),
                                  ("--metric", args.metric)) if v]

@@ -385,6 +385,37 @@ def test_two_commits_are_one_computation_only_where_the_code_that_trains_is_the_
     assert not same(first, docs_only, cores=16) and not same(first, first, cpu="Intel Xeon")
 
 
+def test_the_recipe_resolution_pools_the_paired_spread_of_every_candidate(tmp_path, monkeypatch, capsys):
+    """`--resolution FILE ...`: the sd of a paired difference pooled over the candidates (each around its own mean,
+    so a real effect is not noise), a pair held by two files counted once, a candidate with fewer than 3 pairs left
+    out, and the seeds a 2- or 3-point difference needs; another option beside it is refused with status 2."""
+    from bench import recipe
+
+    def rows(cand, diffs, base=0.70):
+        return [{"task": "elpv-fourclass", "candidate": "default", "seed": s, "val_accuracy": base,
+                 "val_balanced_accuracy": base, "val_macro_f1": base} for s in range(len(diffs))] + [
+            {"task": "elpv-fourclass", "candidate": cand, "seed": s, "val_accuracy": base + d / 100,
+             "val_balanced_accuracy": base + d / 100, "val_macro_f1": base + d / 100} for s, d in enumerate(diffs)]
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    # r3-e30: +1, +3, +5 around 3 (sum of squares 8, 2 df); r3-mixup: -1, +1, -1, +1 around 0 (4, 3 df);
+    # r3-freeze0 has 2 pairs only. Pooled: sqrt(12 / 5) = 1.55 points
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows("r3-e30", [1, 3, 5]) + rows("r3-freeze0", [9, -9])))
+    b.write_text("".join(json.dumps(r) + "\n" for r in rows("r3-mixup", [-1, 1, -1, 1]) + rows("r3-e30", [1, 3, 5])))
+    out = recipe.resolution([a, b])
+    line = next(x for x in out.splitlines() if "balanced_accuracy" in x)
+    assert "paired sd 1.5 pts over 2 candidates (5 degrees of freedom)" in line
+    assert "one se at 3 seeds 0.9 pts" in line and "2 pts: 5 seeds, 3 pts: 3 seeds" in line
+    assert recipe.resolution([a]).count("over 1 candidates (2 degrees of freedom)") == 3
+    monkeypatch.setattr(sys, "argv", ["recipe", "--resolution", str(a), str(b), "--tasks", "elpv-binary"])
+    recipe.main()
+    assert "no candidate has 3 pairs" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["recipe", "--resolution", str(a), "--table"])
+    with pytest.raises(SystemExit) as stop:
+        recipe.main()
+    assert stop.value.code == 2 and "--resolution takes only --tasks" in capsys.readouterr().err
+
+
 def test_the_recipe_table_shows_only_the_tasks_seeds_and_candidates_asked_for(tmp_path, monkeypatch, capsys):
     """`--table --seeds/--tasks/--candidates` choose the rows (a candidate brings the baseline it pairs with); a bad
     --seeds exits with status 2, one line on stderr saying why."""
