@@ -53,8 +53,8 @@ ROUND3 = {
     "r3-mixup": ["--mixup", "0.2"],
     "r3-freeze0": ["--freeze-stages", "0"],
     "r3-train-bn": ["--no-freeze-bn"],  # the learning layers' BatchNorm statistics from the batches (timm, fastai)
-    "r3-lr3e-3": ["--lr", "3e-3"],  # a peak learning rate 3x the default's: the defaults' 4-class runs underfit?
-    "r3-lr3e-4": ["--lr", "3e-4"],  # and a third of it
+    "r3-lr3e-3": ["--lr", "3e-3"],  # peak learning rates 3x and a third of the default's (bench/recipe.py)
+    "r3-lr3e-4": ["--lr", "3e-4"],
 }
 for _name, _flags in ROUND3.items():
     recipe.CANDIDATES[f"study-{_name}"] = _flags
