@@ -372,18 +372,18 @@ def resolution(paths: list[Path], tasks: list[str] | None = None) -> str:
     seen, groups = set(), {}  # (task, metric) -> [(degrees of freedom, sum of squares)]
     for path in paths:
         rows = done_runs(path)
-        for task, cand in sorted({(t, c) for t, c, _ in rows}):
+        pairs: dict[tuple[str, str], list[tuple[int, dict, dict]]] = {}  # (task, candidate) -> its pairs
+        for (task, cand, seed), r in rows.items():
             base = BASELINE.get(cand, "today")
-            if cand == base or (tasks and task not in tasks):
-                continue
+            b = rows.get((task, base, seed))
+            if cand != base and b is not None and (not tasks or task in tasks):
+                pairs.setdefault((task, cand), []).append((seed, r, b))
+        for (task, cand), got in pairs.items():
             for m in METRICS:
                 diffs = []
-                for (t, c, seed), r in rows.items():
-                    b = rows.get((task, base, seed))
-                    if (t, c) != (task, cand) or b is None or r.get(m) is None or b.get(m) is None:
-                        continue
-                    key = (task, cand, seed, m, r[m], b[m])
-                    if key not in seen:
+                for seed, r, b in got:
+                    key = (task, cand, seed, m, r.get(m), b.get(m))
+                    if r.get(m) is not None and b.get(m) is not None and key not in seen:
                         seen.add(key)
                         diffs.append(100 * (r[m] - b[m]))
                 if len(diffs) >= 3:
@@ -420,21 +420,23 @@ def main() -> None:
                     "pooled over their candidates, per task and metric, and the seeds a 2- or 3-point difference "
                     "needs (--tasks filters, no other option applies), run nothing")
     args = ap.parse_args()
+
+    def alone(option: str, why: str = "") -> None:
+        """Refuse any option but --tasks beside the read-only mode `option` (status 2, one line saying which)."""
+        given = [f for f, v in (("--table", args.table), ("--seeds", args.seeds), ("--candidates", args.candidates),
+                                ("--metric", args.metric), ("--pool", args.pool)) if v and f != option]
+        if given:
+            ap.error(f"{option} takes only --tasks{why}, not {given[0]}")
+
     if args.resolution:
-        others = [f for f, v in (("--table", args.table), ("--seeds", args.seeds), ("--candidates", args.candidates),
-                                 ("--metric", args.metric), ("--pool", args.pool)) if v]
-        if others:
-            ap.error(f"--resolution takes only --tasks, not {others[0]}")
+        alone("--resolution")
         missing = [p for p in args.resolution if not p.is_file()]
         if missing:
             ap.error(f"--resolution {str(missing[0])!r}: no such results file")
         print(resolution(args.resolution, None if args.tasks is None else args.tasks.split(",")))
         return
     if args.pool:
-        others = [f for f, v in (("--table", args.table), ("--seeds", args.seeds), ("--candidates", args.candidates),
-                                 ("--metric", args.metric)) if v]
-        if others:
-            ap.error(f"--pool takes only --tasks: it pools every metric over the seeds each file pairs, not {others[0]}")
+        alone("--pool", ": it pools every metric over the seeds each file pairs")
         bad = [s for s in args.pool if s.count(":") < 2 or not Path(s.rsplit(":", 2)[0]).is_file()]
         if bad:
             ap.error(f"--pool {bad[0]!r}: give FILE:CANDIDATE:BASELINE with an existing results file")
