@@ -15,13 +15,15 @@ fidelity  the same recipes through both paths (`python -m bench.recipe` with and
           Validation only: the runs train on TASK/train, the test split is not in the folder.
 
     python -m bench.cached_views speed [--views 4] [--repeats 3]
-    python -m bench.cached_views fidelity [--task elpv-binary] [--seeds 0,1,2] [--candidates lr1e-4,...] [--table]
+    python -m bench.cached_views fidelity [--task elpv-binary] [--seeds 0,1,2] [--candidates lr1e-4,...]
+                                          [--extra "FLAGS"] [--results FILE] [--metrics val_accuracy,...] [--table]
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -97,7 +99,7 @@ def fidelity(args) -> None:
     results = Path(args.results)
     cands = args.candidates.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    extra = ["--limit-per-class", str(args.per_class), "--epochs", str(args.epochs)]
+    extra = ["--limit-per-class", str(args.per_class), "--epochs", str(args.epochs), *shlex.split(args.extra)]
     if not args.table:
         results.parent.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
@@ -113,7 +115,8 @@ def fidelity(args) -> None:
                         f.write(json.dumps(r) + "\n")
                     print(json.dumps({k: r.get(k) for k in ("candidate", "seed", "cached_views", "val_accuracy",
                                                             "wall_s", "error")}), flush=True)
-    print(fidelity_table(done(results), args.task, cands, seeds, args.views))
+    for metric in args.metrics.split(","):
+        print(f"\n{metric}:\n" + fidelity_table(done(results), args.task, cands, seeds, args.views, metric))
 
 
 def done(path: Path) -> dict[tuple, dict]:
@@ -140,7 +143,12 @@ def sd(v: list[float]) -> float:
     return statistics.stdev(v) if len(v) > 1 else 0.0
 
 
-def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], views: int) -> str:
+def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], views: int,
+                   metric: str = "val_accuracy") -> str:
+    """Per candidate the two paths' mean +- sd of one figure of the rows (the kept model's val_accuracy, or e.g.
+    finetune_val_macro_f1: the fine-tune's own last epoch), their paired difference, and the rank correlation of the
+    candidates' means."""
+    pts, dp, unit = (1, 3, "") if "loss" in metric else (100, 1, " pts")  # a loss as it is, a fraction in points
     lines = ["| candidate | seeds | ordinary (mean ± sd) | cached (mean ± sd) | cached - ordinary (paired, mean ± se) | "
              "wall s ordinary / cached |", "| --- | --- | --- | --- | --- | --- |"]
     means: dict[str, tuple[float, float]] = {}
@@ -149,8 +157,12 @@ def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], vi
         both = [s for s in seeds if (task, c, s, 0) in rows and (task, c, s, views) in rows]
         if not both:
             continue
-        o = [rows[(task, c, s, 0)]["val_accuracy"] for s in both]
-        k = [rows[(task, c, s, views)]["val_accuracy"] for s in both]
+        both = [s for s in both if rows[(task, c, s, 0)].get(metric) is not None
+                and rows[(task, c, s, views)].get(metric) is not None]
+        if not both:
+            continue
+        o = [rows[(task, c, s, 0)][metric] for s in both]
+        k = [rows[(task, c, s, views)][metric] for s in both]
         d = [b - a for a, b in zip(o, k)]
         all_pairs += d
         se = sd(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
@@ -158,16 +170,16 @@ def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], vi
         wk = statistics.mean(rows[(task, c, s, views)]["wall_s"] for s in both)
         means[c] = (statistics.mean(o), statistics.mean(k))
         lines.append(f"| {c} | {len(both)} | {statistics.mean(o):.3f} ± {sd(o):.3f} | {statistics.mean(k):.3f} ± "
-                     f"{sd(k):.3f} | {100 * statistics.mean(d):+.1f} ± {100 * se:.1f} pts | {wo:.0f} / {wk:.0f} |")
+                     f"{sd(k):.3f} | {pts * statistics.mean(d):+.{dp}f} ± {pts * se:.{dp}f}{unit} | {wo:.0f} / {wk:.0f} |")
     if len(all_pairs) > 1:
         se = statistics.stdev(all_pairs) / math.sqrt(len(all_pairs))
-        lines.append(f"\nall candidates: cached - ordinary {100 * statistics.mean(all_pairs):+.1f} ± {100 * se:.1f} "
-                     f"pts ({len(all_pairs)} pairs)")
+        lines.append(f"\nall candidates: cached - ordinary {pts * statistics.mean(all_pairs):+.{dp}f} ± "
+                     f"{pts * se:.{dp}f}{unit} ({len(all_pairs)} pairs)")
     if len(means) >= 3:
         names = list(means)
         rho = spearman([means[n][0] for n in names], [means[n][1] for n in names])
         order = lambda i: " > ".join(sorted(names, key=lambda n: -means[n][i]))  # noqa: E731
-        lines.append(f"rank correlation (Spearman) of the candidates' mean validation accuracy: {rho:+.2f}\n"
+        lines.append(f"rank correlation (Spearman) of the candidates' mean {metric}: {rho:+.2f}\n"
                      f"  ordinary: {order(0)}\n  cached:   {order(1)}")
     return "\n".join(lines)
 
@@ -182,6 +194,11 @@ def main() -> None:
     ap.add_argument("--candidates", default=",".join(FIDELITY_CANDIDATES))
     ap.add_argument("--per-class", type=int, default=250, help="training images per class (fidelity)")
     ap.add_argument("--epochs", type=int, default=6, help="fine-tune epochs (fidelity)")
+    ap.add_argument("--extra", default="", help="fidelity: more pupil train flags for every run, both paths (e.g. "
+                                                "\"--stages finetune --img-size 224\")")
+    ap.add_argument("--metrics", default="val_accuracy",
+                    help="fidelity table: the rows' figures, comma-separated (val_accuracy, val_balanced_accuracy, "
+                         "val_macro_f1, finetune_val_accuracy, finetune_val_macro_f1, finetune_val_loss)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "cached_views.jsonl"),
                     help="fidelity: JSON lines, one per finished run (appended; committed with the repository)")
     ap.add_argument("--table", action="store_true", help="fidelity: print the table of the results file, run nothing")
