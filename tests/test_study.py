@@ -548,3 +548,29 @@ def test_quality_figures_of_an_ensemble_run_give_the_size_that_ran_and_its_membe
         "kept": {"kept": "ensemble", "members": [{"best_epoch": 16}, {"best_epoch": 20}]}}))
     row = quality.figures(tmp_path, 10.0)
     assert row["img_size"] == 288 and row["best_epoch"] == [16, 20] and row["accuracy"] == 0.8
+
+
+def test_the_fidelity_table_pairs_each_figure_by_seed_and_ranks_the_candidates_means():
+    """bench.cached_views' fidelity table: per candidate and figure, cached minus ordinary paired by seed; the
+    Spearman correlation of the candidates' means; a row without the figure leaves its pair out; a loss is printed
+    as it is, not in points."""
+    from bench import cached_views
+
+    rows = {}
+    figures = {"a": (0.80, 0.81), "b": (0.70, 0.72), "c": (0.60, 0.58), "d": (0.50, 0.49)}
+    for cand, (ordinary, cached) in figures.items():
+        for seed, jitter in enumerate((0.0, 0.01, -0.01)):
+            for views, v in ((0, ordinary), (4, cached)):
+                rows[("t", cand, seed, views)] = {"val_accuracy": v + jitter, "finetune_val_loss": 1 - v,
+                                                  "wall_s": 1.0}
+    del rows[("t", "d", 2, 4)]["finetune_val_loss"]
+    table = cached_views.fidelity_table(rows, "t", list(figures), [0, 1, 2], 4)
+    assert "| a | 3 | 0.800 ± 0.010 | 0.810 ± 0.010 | +1.0 ± 0.0 pts |" in table
+    assert "| c | 3 | 0.600 ± 0.010 | 0.580 ± 0.010 | -2.0 ± 0.0 pts |" in table
+    assert "mean val_accuracy: +1.00" in table and "cached:   a > b > c > d" in table
+    loss = cached_views.fidelity_table(rows, "t", list(figures), [0, 1, 2], 4, "finetune_val_loss")
+    assert "| d | 2 | 0.500 ± 0.000 | 0.510 ± 0.000 | +0.010 ± 0.000 |" in loss
+    rows[("t", "a", 0, 4)]["val_accuracy"] = rows[("t", "a", 1, 4)]["val_accuracy"] = 0.40
+    rows[("t", "a", 2, 4)]["val_accuracy"] = 0.40
+    moved = cached_views.fidelity_table(rows, "t", list(figures), [0, 1, 2], 4)
+    assert "mean val_accuracy: -0.20" in moved and "cached:   b > c > d > a" in moved
