@@ -11,8 +11,9 @@ speed     `pupil train` on the same 320 ELPV images (160 a class, pupil's seeded
           run's whole `wall_time_s`. The headline is the ratio of the medians over the 3 repeats.
 fidelity  the same recipes through both paths (`python -m bench.recipe` with and without --cached-views V), the
           same seeds, so the same validation splits: per candidate the paired difference cached - ordinary (mean
-          +- standard error over seeds), and the rank correlation of the candidates' mean validation accuracy.
-          Validation only: the runs train on TASK/train, the test split is not in the folder.
+          +- standard error over seeds), and the rank correlation of the candidates' means, for each figure of
+          --metrics (the kept model's validation accuracy by default). Validation only: the runs train on
+          TASK/train, the test split is not in the folder.
 
     python -m bench.cached_views speed [--views 4] [--repeats 3]
     python -m bench.cached_views fidelity [--task elpv-binary] [--seeds 0,1,2] [--candidates lr1e-4,...]
