@@ -155,11 +155,7 @@ def fidelity_table(rows: dict, task: str, cands: list[str], seeds: list[int], vi
     means: dict[str, tuple[float, float]] = {}
     all_pairs = []
     for c in cands:
-        both = [s for s in seeds if (task, c, s, 0) in rows and (task, c, s, views) in rows]
-        if not both:
-            continue
-        both = [s for s in both if rows[(task, c, s, 0)].get(metric) is not None
-                and rows[(task, c, s, views)].get(metric) is not None]
+        both = [s for s in seeds if all(rows.get((task, c, s, v), {}).get(metric) is not None for v in (0, views))]
         if not both:
             continue
         o = [rows[(task, c, s, 0)][metric] for s in both]
