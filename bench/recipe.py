@@ -132,6 +132,8 @@ CANDIDATES: dict[str, list[str]] = {
     "r3-lr3e-3": ["--lr", "3e-3"],
     # and a third of it: at 3e-3 seed 0's training loss ended higher (0.74 against 0.53 at 1e-3), not lower
     "r3-lr3e-4": ["--lr", "3e-4"],
+    # TrivialAugmentWide before the affine crop: no round measured a photometric or geometric policy on ELPV
+    "r3-trivial": ["--augment", "trivial"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # what a run without --tasks, --seeds or --candidates does (a table without them shows every row)
