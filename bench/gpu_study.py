@@ -55,6 +55,7 @@ ROUND3 = {
     "r3-train-bn": ["--no-freeze-bn"],  # the learning layers' BatchNorm statistics from the batches (timm, fastai)
     "r3-lr3e-3": ["--lr", "3e-3"],  # peak learning rates 3x and a third of the default's (bench/recipe.py)
     "r3-lr3e-4": ["--lr", "3e-4"],
+    "r3-trivial": ["--augment", "trivial"],  # TrivialAugmentWide before the affine crop
 }
 for _name, _flags in ROUND3.items():
     recipe.CANDIDATES[f"study-{_name}"] = _flags
