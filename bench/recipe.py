@@ -134,6 +134,8 @@ CANDIDATES: dict[str, list[str]] = {
     "r3-lr3e-4": ["--lr", "3e-4"],
     # TrivialAugmentWide before the affine crop: no round measured a photometric or geometric policy on ELPV
     "r3-trivial": ["--augment", "trivial"],
+    # half the CPU's batch of 32 at the same peak rate: twice the steps per epoch; no round varied the batch
+    "r3-batch16": ["--batch-size", "16"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # what a run without --tasks, --seeds or --candidates does (a table without them shows every row)
