@@ -104,7 +104,9 @@ class TrainConfig:
                              "then scaled by sqrt(batch / 32) as timm scales it for adaptive optimizers; halved on "
                              "out-of-memory", or_word=("auto", 0))
     lr: float | str = opt(0.0, "peak learning rate, or auto (the LR range test's suggestion, as `pupil lr-find` "
-                               "shows it); 0: 1e-3 pretrained (backbone at --backbone-lr of it), 3e-3 from scratch",
+                               "shows it); 0: 1e-3 pretrained (backbone at --backbone-lr of it; on ELPV 4-class "
+                               "validation 3e-3 lost macro-F1 and 3e-4 was level: BENCHMARKS.md, A peak learning rate "
+                               "of 3e-3), 3e-3 from scratch",
                           or_word=("auto", "auto"))
     lr_find_steps: int = opt(100, "steps of the learning-rate range test (lr-find, --lr auto)")
     ema: float = opt(0.0, "keep an exponential moving average of the weights with this decay, validate and save it "
