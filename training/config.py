@@ -164,8 +164,11 @@ class TrainConfig:
     time_limit: float = opt(0.0, "minutes for the whole run, its finish (calibration, test, export) included as an "
                                  "estimate (0: none); the epochs that fit are run, the cosine ending on the last; fewer "
                                  "when the epochs slow down mid-run")
-    augment: str = opt("none", "none | trivial (TrivialAugmentWide) | randaugment, on top of random-resized-crop + "
-                               "flip", choices=("none", "trivial", "randaugment"))
+    augment: str = opt("none", "none | trivial (TrivialAugmentWide: one random operation per image) | randaugment "
+                               "(two), before the training crop (--crop) and flips (trivial on ELPV 4-class lost balanced "
+                               "accuracy and macro-F1, -3.4 +- 2.4 and -4.7 +- 3.2 points over 3 seeds on validation: "
+                               "BENCHMARKS.md, TrivialAugment on today's defaults)",
+                       choices=("none", "trivial", "randaugment"))
     balance: str = opt("auto", "auto (posthoc when the largest class is over 3x the smallest, else none) | posthoc "
                                "(logit adjustment after training: the classes' log-priors subtracted, scaled by a "
                                "factor chosen on validation for macro-F1) | sampler (class-balanced sampling) | "
