@@ -56,6 +56,8 @@ ROUND3 = {
     "r3-lr3e-3": ["--lr", "3e-3"],  # peak learning rates 3x and a third of the default's (bench/recipe.py)
     "r3-lr3e-4": ["--lr", "3e-4"],
     "r3-trivial": ["--augment", "trivial"],  # TrivialAugmentWide before the affine crop
+    "r3-lrdecay0.7": ["--lr-decay", "0.7"],  # layer-wise learning-rate decay
+    "r3-ls0": ["--label-smoothing", "0"],  # no label smoothing
 }
 for _name, _flags in ROUND3.items():
     recipe.CANDIDATES[f"study-{_name}"] = _flags

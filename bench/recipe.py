@@ -136,6 +136,12 @@ CANDIDATES: dict[str, list[str]] = {
     "r3-trivial": ["--augment", "trivial"],
     # half the CPU's batch of 32 at the same peak rate: twice the steps per epoch; no round varied the batch
     "r3-batch16": ["--batch-size", "16"],
+    # layer-wise learning-rate decay 0.7 (issue 27's list; round 1 on the GPU only, at 10 epochs): each learning
+    # stage below the last at 0.7 of the rate of the one above, so the stages nearest the frozen ones move least
+    "r3-lrdecay0.7": ["--lr-decay", "0.7"],
+    # no label smoothing (issue 27's list; round 1 on the GPU only, at 10 epochs): the post-hoc logit adjustment
+    # works on the logits that smoothing shrinks
+    "r3-ls0": ["--label-smoothing", "0"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # what a run without --tasks, --seeds or --candidates does (a table without them shows every row)

@@ -102,7 +102,8 @@ class TrainConfig:
                              "number of processes), or auto (0): 32 on a CPU; on CUDA a power of two from the data (a "
                              "sixteenth of the training set, 32 to 512), halved until a step fits, the learning rate "
                              "then scaled by sqrt(batch / 32) as timm scales it for adaptive optimizers; halved on "
-                             "out-of-memory", or_word=("auto", 0))
+                             "out-of-memory (on ELPV 4-class validation a batch of 16 was level with 32: BENCHMARKS.md, "
+                             "TrivialAugment on today's defaults)", or_word=("auto", 0))
     lr: float | str = opt(0.0, "peak learning rate, or auto (the LR range test's suggestion, as `pupil lr-find` "
                                "shows it); 0: 1e-3 pretrained (backbone at --backbone-lr of it; on ELPV 4-class "
                                "validation 3e-3 lost macro-F1 and 3e-4 was level: BENCHMARKS.md, A peak learning rate "
