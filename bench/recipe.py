@@ -142,6 +142,9 @@ CANDIDATES: dict[str, list[str]] = {
     # no label smoothing (issue 27's list; round 1 on the GPU only, at 10 epochs): the post-hoc logit adjustment
     # works on the logits that smoothing shrinks
     "r3-ls0": ["--label-smoothing", "0"],
+    # class-balanced sampling in place of the post-hoc logit adjustment (issue 27's list; round 1 on the GPU only, at
+    # 10 epochs): each training image drawn with the inverse of its class's frequency
+    "r3-balance-sampler": ["--balance", "sampler"],
 }
 DEFAULT_RESULTS = WORK.parent / "recipe.jsonl"
 # what a run without --tasks, --seeds or --candidates does (a table without them shows every row)
