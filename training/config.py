@@ -116,7 +116,7 @@ class TrainConfig:
     weight_decay: float = opt(0.05, "AdamW weight decay (not on norms and biases)")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy (0 on ELPV 4-class, 3 seeds on "
                                       "validation: accuracy -2.5 +- 1.2 points, balanced accuracy +0.4 +- 0.2: "
-                                      "BENCHMARKS.md, no label smoothing)")
+                                      "BENCHMARKS.md, ... and no label smoothing on today's defaults)")
     mixup: float = opt(0.0, "mixup alpha: Beta(a, a) mixing of image pairs (0: off; 0.2 on ELPV 4-class lost "
                             "macro-F1, -2.8 +- 1.4 points over 3 seeds on validation, and gained nothing: "
                             "BENCHMARKS.md, Round 3 on this CPU)")
