@@ -116,7 +116,7 @@ class TrainConfig:
     weight_decay: float = opt(0.05, "AdamW weight decay (not on norms and biases)")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy (0 on ELPV 4-class, 3 seeds on "
                                       "validation: accuracy -2.5 +- 1.2 points, balanced accuracy +0.4 +- 0.2: "
-                                      "BENCHMARKS.md, ... and no label smoothing on today's defaults)")
+                                      "BENCHMARKS.md, Layer-wise learning-rate decay and no label smoothing)")
     mixup: float = opt(0.0, "mixup alpha: Beta(a, a) mixing of image pairs (0: off; 0.2 on ELPV 4-class lost "
                             "macro-F1, -2.8 +- 1.4 points over 3 seeds on validation, and gained nothing: "
                             "BENCHMARKS.md, Round 3 on this CPU)")
@@ -133,7 +133,7 @@ class TrainConfig:
     lr_decay: float = opt(0.0, "layer-wise learning-rate decay: each stage below the last learns at this fraction of "
                                "the rate of the one above it (0.7 e.g.; 0: every backbone stage at --backbone-lr; 0.7 on "
                                "ELPV 4-class, 6 seeds on validation: balanced accuracy +1.3 +- 1.5 points, macro-F1 "
-                               "-0.1 +- 1.2, no finding: BENCHMARKS.md, Layer-wise learning-rate decay)")
+                               "-0.1 +- 1.2, no finding: BENCHMARKS.md, Layer-wise learning-rate decay and no label smoothing)")
     average_last: int = opt(0, "the model kept as 'last' is the average of the weights after each of the last N "
                                "epochs run, an early stop's too (0 or 1: the last epoch's weights)")
     ordinal: bool = opt(False, "the classes are ordered (in their sorted names' order, e.g. p000 < p033 < p067 < p100): "
