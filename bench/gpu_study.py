@@ -43,12 +43,11 @@ for _name, _flags in ROUND2_ON_E20.items():
 # Round 3 (STUDY_ROUND=3): one change at a time from today's defaults as a user gets them (no flag pinned: 20 epochs,
 # --img-size auto, i.e. 288 px on ELPV's 300 px cells), each paired with "r3-default" on the same split; on the GPU
 # the batch is auto's (larger than the CPU's 32). ELPV 4-class first, all seeds, then binary.
-# the run order; every candidate but the defaults is the CPU's, its flags read from bench/recipe.py CANDIDATES
-# (one list to keep)
-ROUND3_OWN = {"r3-default": []}
-ROUND3 = {c: ROUND3_OWN[c] if c in ROUND3_OWN else recipe.CANDIDATES[c] for c in (
-    "r3-default", "r3-drop-issues", "r3-balance-loss", "r3-balance-sampler", "r3-lite2-300", "r3-e30", "r3-mixup",
-    "r3-freeze0", "r3-train-bn", "r3-lr3e-3", "r3-lr3e-4", "r3-trivial", "r3-lrdecay0.7", "r3-ls0")}
+# the run order: the defaults, then the CPU's candidates, their flags read from bench/recipe.py CANDIDATES (one list
+# to keep)
+ROUND3 = {"r3-default": [], **{c: recipe.CANDIDATES[c] for c in (
+    "r3-drop-issues", "r3-balance-loss", "r3-balance-sampler", "r3-lite2-300", "r3-e30", "r3-mixup",
+    "r3-freeze0", "r3-train-bn", "r3-lr3e-3", "r3-lr3e-4", "r3-trivial", "r3-lrdecay0.7", "r3-ls0")}}
 for _name, _flags in ROUND3.items():
     recipe.CANDIDATES[f"study-{_name}"] = _flags
 
