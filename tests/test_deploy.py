@@ -89,3 +89,45 @@ esac
     asked = (tmp_path / "rmi.log").read_text().split()
     assert asked == ["id2", "id1", "idbusy"]  # newest first: id5, id4, id3 kept; id0 is latest; base is not ours
     assert removed == [f"{name}:t2", f"{name}:t1"]
+
+
+
+def test_the_memory_of_a_process_tree_counts_a_child_between_fork_and_exec_once():
+    """A child started by subprocess shows its parent's resident pages until it exec's (vfork shares the parent's
+    memory): counted, a 1 GB server read as 2 GB the instant it started a decode worker, and a CI run failed on it.
+    Here a pool that replaces its worker after every decode starts 60 of them under a sampler."""
+    import io
+    import os
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from deploy.check import rss_mb
+    from models.decoder import DecodePool
+    from pupil.server import process_tree
+
+    held = np.ones(400 * 2**20, dtype=np.uint8)  # resident here, so a sample that counts a copy reads 400 MB more
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 200).save(buf, format="PNG")
+    samples, done, started = [], threading.Event(), set()
+
+    def sample():
+        while not done.is_set():
+            pids = process_tree(os.getpid())
+            started.update(pids)
+            samples.append(rss_mb(pids))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with DecodePool(workers=2, max_tasks=1) as pool:
+            for _ in range(60):
+                assert pool.square(buf.getvalue(), 32).shape == (32, 32, 3)
+    finally:
+        done.set()
+        sampler.join()
+    assert len(started) > 30  # the sampler saw the workers come and go
+    low, high = min(samples), max(samples)
+    assert low > 400 and high - low < 200, f"{low:.0f} to {high:.0f} MiB over {len(samples)} samples"
+    assert held[-1] == 1
