@@ -2,10 +2,11 @@
 images answer better than one of them alone?
 
 The runs given are grouped by their validation split (a digest of its images' paths: runs of one task and seed share
-it, whatever their recipe). Within each group, every pair of runs (and, with three or more, all of them together) is
-an ensemble: the mean of its members' raw logits on their own validation images (each member decodes and crops them
-at its own input size, as bench.tta does), then today's post-hoc logit adjustment on top (tau chosen for macro-F1 from
-training.metrics.LOGIT_ADJUSTMENT_TAUS, the smaller on ties). So that the ensemble's tau and each single model's are
+it, whatever their recipe). Within each group, every pair of runs (and, with three or more, all of them together;
+`--sizes 2,3,4`: every combination of each of those many) is an ensemble: the mean of its members' raw logits on
+their own validation images (each member decodes and crops them at its own input size, as bench.tta does), then
+today's post-hoc logit adjustment on top (tau chosen for macro-F1 from training.metrics.LOGIT_ADJUSTMENT_TAUS, the
+smaller on ties). So that the ensemble's tau and each single model's are
 chosen alike and never on the images they are scored on, every figure is cross-fitted: the validation images are
 halved (stratified, `--repeats` random halvings, the same halvings for every model of a group), tau chosen on one
 half and scored on the other, both ways round, and averaged (bench.posthoc's procedure for today's rule).
@@ -20,7 +21,7 @@ these images, so single models and ensembles alike carry that optimism; the test
 
 Each run's validation logits are kept beside it (bench-val-logits.npz) and read back on the next call.
 
-    python -m bench.ensemble RUN_DIR [RUN_DIR ...] [--repeats 50] [--json FILE]
+    python -m bench.ensemble RUN_DIR [RUN_DIR ...] [--repeats 50] [--sizes 2,3,4] [--json FILE]
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -71,8 +73,10 @@ def cross_fitted(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray, masks
         f"unadjusted_{m}": v for m, v in scores(logits, y, k).items()}
 
 
-def judge_group(members: list[dict], repeats: int, seed: int = 0) -> dict:
-    """Every pair of a group's runs (and all of them, with three or more) against the mean of its members alone."""
+def judge_group(members: list[dict], repeats: int, seed: int = 0, sizes: Sequence[int] | None = None) -> dict:
+    """Every ensemble of each size in `sizes` from a group's runs (every combination of that many) against the mean
+    of its members alone. sizes None: every pair, and all of them together with three or more. A size larger than
+    the group is left out."""
     y = members[0]["y"]
     if any(not np.array_equal(m["y"], y) or not np.allclose(m["log_prior"], members[0]["log_prior"])
            for m in members):
@@ -81,7 +85,9 @@ def judge_group(members: list[dict], repeats: int, seed: int = 0) -> dict:
     masks = [halves(y, rng) for _ in range(repeats)]
     lp = members[0]["log_prior"]
     alone = [cross_fitted(m["logits"], y, lp, masks) for m in members]
-    sizes = [2] + ([len(members)] if len(members) > 2 else [])
+    if sizes is None:
+        sizes = [2] + ([len(members)] if len(members) > 2 else [])
+    sizes = sorted({k for k in sizes if 2 <= k <= len(members)})
     out = {"n": int(len(y)), "runs": [str(m["run"]) for m in members], "alone": alone, "ensembles": []}
     for size in sizes:
         for idx in itertools.combinations(range(len(members)), size):
@@ -96,7 +102,8 @@ def judge_group(members: list[dict], repeats: int, seed: int = 0) -> dict:
 
 def summary(groups: list[dict], repeats: int) -> str:
     """Per ensemble size: the gain over the members alone (and, on a second line, over the first run given alone),
-    averaged within each group, then mean ± se over groups."""
+    averaged within each group, then mean ± se over groups; then the cross-fitted figures themselves per size (1: the
+    runs alone), averaged the same way: how far averaging goes."""
     keys = list(METRICS) + [f"unadjusted_{m}" for m in METRICS]
     lines = [f"\ncross-fitted (today's tau chosen on one stratified half, scored on the other; {repeats} halvings x "
              f"2); unadjusted_*: tau 0 on the whole split. Ensemble minus the mean of its members alone (points), "
@@ -115,6 +122,35 @@ def summary(groups: list[dict], repeats: int) -> str:
                 se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
                 cells.append(f"{k} {d.mean():+.1f} ± {se:.1f}")
             lines.append(f"{name:8s} ({len(per)} splits)  " + "  ".join(cells))
+    lines.append("\nthe figures themselves (cross-fitted as above), averaged within each split over the ensembles of "
+                 "that size (1: the runs alone), then mean ± sd over the splits")
+    for size in [1] + sorted({e["size"] for g in groups for e in g["ensembles"]}):
+        per = [list(g.get("alone", [])) if size == 1 else
+               [e["figures"] for e in g["ensembles"] if e["size"] == size and "figures" in e] for g in groups]
+        per = [p for p in per if p]
+        if not per:
+            continue
+        cells = []
+        for k in METRICS:
+            d = np.array([np.mean([f[k] for f in p]) for p in per])
+            cells.append(f"{k} {d.mean():.3f} ± {d.std(ddof=1) if len(d) > 1 else float('nan'):.3f}")
+        lines.append(f"size {size} ({len(per)} splits)  " + "  ".join(cells))
+    sizes = sorted({e["size"] for g in groups for e in g["ensembles"] if "figures" in e})
+    if len(sizes) > 1:
+        lines.append("\neach size minus the size below it (points; the figures above, paired by split, mean ± se)")
+        for small, big in zip(sizes, sizes[1:]):
+            cells = []
+            for k in METRICS:
+                d = []
+                for g in groups:
+                    a = [e["figures"][k] for e in g["ensembles"] if e["size"] == big and "figures" in e]
+                    b = [e["figures"][k] for e in g["ensembles"] if e["size"] == small and "figures" in e]
+                    if a and b:
+                        d.append(100 * (np.mean(a) - np.mean(b)))
+                d = np.array(d)
+                se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+                cells.append(f"{k} {d.mean():+.1f} ± {se:.1f}")
+            lines.append(f"{big} minus {small} ({len(d)} splits)  " + "  ".join(cells))
     return "\n".join(lines)
 
 
@@ -122,8 +158,17 @@ def main() -> None:
     ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--repeats", type=int, default=50, help="random stratified halvings of each validation split")
+    ap.add_argument("--sizes", default="",
+                    help="ensemble sizes, comma-separated (every combination of that many runs of a split): default "
+                         "pairs, and all of a split's runs together where there are three or more")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    try:
+        sizes = [int(x) for x in a.sizes.split(",") if x.strip()] or None
+    except ValueError:
+        ap.error(f"--sizes takes whole numbers separated by commas, not {a.sizes!r}")
+    if sizes and min(sizes) < 2:
+        ap.error("--sizes: an ensemble has two runs or more")
     missing = [str(r) for r in a.runs if not (r / "metrics.json").is_file()]
     if missing:
         ap.error(f"not a finished run (no metrics.json): {', '.join(missing)}")
@@ -136,7 +181,7 @@ def main() -> None:
         if len(members) < 2:
             print(f"{members[0]['run'].name}: the only run of its validation split, left out")
             continue
-        g = {"val_split": split, **judge_group(members, a.repeats)}
+        g = {"val_split": split, **judge_group(members, a.repeats, sizes=sizes)}
         groups.append(g)
         print(f"split {split} (n={g['n']}): " + ", ".join(Path(r).name for r in g["runs"]))
         for i, al in enumerate(g["alone"]):

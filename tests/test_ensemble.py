@@ -97,3 +97,27 @@ def test_the_command_groups_runs_by_their_split_and_writes_its_figures(tmp_path,
     with pytest.raises(SystemExit) as e:
         ensemble.main()
     assert e.value.code == 2 and "no two runs share a validation split" in capsys.readouterr().err
+
+
+def test_every_combination_of_each_size_asked_and_the_figures_per_size(tmp_path, monkeypatch, capsys):
+    m = _members([1.4, 1.4, 1.4, 1.4], seed=5)
+    g = ensemble.judge_group(m, repeats=3, sizes=[3, 2, 9])  # 9: more runs than the split has, left out
+    got = [tuple(e["members"]) for e in g["ensembles"]]
+    assert [len(t) for t in got] == [2] * 6 + [3] * 4 and len(set(got)) == 10
+    mean = {k: np.mean([e["figures"]["accuracy"] for e in g["ensembles"] if e["size"] == k]) for k in (2, 3)}
+    alone = np.mean([a["accuracy"] for a in g["alone"]])
+    assert alone + 0.02 < mean[2] < mean[3]  # independent noise: each run more averages more of it out
+    text = ensemble.summary([g, g], repeats=3)
+    assert f"size 1 (2 splits)  accuracy {alone:.3f} ± 0.000" in text
+    assert f"size 3 (2 splits)  accuracy {mean[3]:.3f} ± 0.000" in text and "3 runs   (2 splits)" in text
+    assert f"3 minus 2 (2 splits)  accuracy {100 * (mean[3] - mean[2]):+.1f} ± 0.0" in text
+    runs = [_run_dir(tmp_path / f"r{i}", x) for i, x in enumerate(m)]
+    for bad, why in (("1,2", "two runs or more"), ("2,x", "whole numbers")):
+        monkeypatch.setattr(sys, "argv", ["ensemble", *map(str, runs), "--sizes", bad])
+        with pytest.raises(SystemExit) as e:
+            ensemble.main()
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["ensemble", *map(str, runs), "--sizes", "4", "--repeats", "2"])
+    ensemble.main()
+    out = capsys.readouterr().out
+    assert "  0+1+2+3: accuracy" in out and "  0+1: " not in out
