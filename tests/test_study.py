@@ -574,3 +574,35 @@ def test_the_fidelity_table_pairs_each_figure_by_seed_and_ranks_the_candidates_m
     rows[("t", "a", 2, 4)]["val_accuracy"] = 0.40
     moved = cached_views.fidelity_table(rows, "t", list(figures), [0, 1, 2], 4)
     assert "mean val_accuracy: -0.20" in moved and "cached:   b > c > d > a" in moved
+
+
+def test_a_subsampled_recipe_trains_on_a_fraction_of_the_defaults_training_images_and_the_same_validation(
+        tmp_path, monkeypatch):
+    """bench.recipe's r3-data80 kind: the seed's `default` run's validation images unchanged, a stratified 80 % of its
+    training images, through `pupil train DATA --labels` (the split a run records is what it trained on)."""
+    from bench import recipe
+    from tests.conftest import TINY_FLAGS, make_shapes_folder
+
+    make_shapes_folder(tmp_path / "task" / "train", classes=("red", "blue", "green"), n=20)
+    monkeypatch.setattr(recipe, "WORK", tmp_path / "work")
+    monkeypatch.setattr(recipe, "task_folder", lambda task: tmp_path / "task")
+    tiny = [*TINY_FLAGS, "--epochs", "1", "--patience", "0", "--stages", "finetune"]
+    monkeypatch.setitem(recipe.CANDIDATES, "default", tiny)
+    monkeypatch.setitem(recipe.CANDIDATES, "less", tiny)
+    monkeypatch.setitem(recipe.SUBSAMPLE, "less", 0.5)
+    missing = recipe.run_one("shapes", "less", 3)
+    assert "run the `default` candidate of this seed first" in missing["error"]
+    assert "error" not in recipe.run_one("shapes", "default", 3)
+    row = recipe.run_one("shapes", "less", 3)
+    assert "error" not in row, row
+    full = json.loads((recipe.run_dir("shapes", "default", 3) / "split.json").read_text())
+    half = json.loads((recipe.run_dir("shapes", "less", 3) / "split.json").read_text())
+    assert sorted(half["val"]) == sorted(full["val"]) and half["classes"] == full["classes"]
+    assert set(half["train"]) < set(full["train"])
+    for c in full["classes"]:
+        n = sum(p.startswith(c + "/") for p in full["train"])
+        assert sum(p.startswith(c + "/") for p in half["train"]) == round(0.5 * n)
+    assert "--labels" in row["flags"]
+    # seeded: the same rows again; another seed draws another half
+    assert recipe.subsample_labels(full, 0.5, 3) == recipe.subsample_labels(full, 0.5, 3)
+    assert recipe.subsample_labels(full, 0.5, 3) != recipe.subsample_labels(full, 0.5, 4)
