@@ -149,6 +149,10 @@ CANDIDATES: dict[str, list[str]] = {
     # stratified 80 % of the default run's training images, its validation images unchanged (SUBSAMPLE below), so
     # that "default minus r3-data80" is the gain of 1/0.8 = 1.25x the training data on one validation split
     "r3-data80": [],
+    # --preset best's candidate after the ensemble sizes (BENCHMARKS.md, "How far averaging goes"): three fine-tunes
+    # averaged, held to the preset's hour (each member a third of it, so 224 px by --img-size auto); --resume keeps
+    # the members that finished when a stopped run is started again (bench.recipe resumes single runs by last.pt)
+    "best-ens3": ["--ensemble", "3", "--time-limit", "60", "--resume"],
 }
 # candidates trained on a seeded, stratified fraction of the training images of their seed's `default` run (its
 # split.json), the same validation images: `pupil train DATA --labels` with a split column (subsample_labels)
@@ -161,6 +165,7 @@ RUN_TASKS, RUN_SEEDS, RUN_CANDIDATES = ["faces", "digits", "elpv-binary", "elpv-
 BASELINE = {"probe": "probe", "probe-0.875": "probe", "probe-fp32": "probe", "probe-0.875-fp32": "probe",
             "default": "default", "default-nopatience": "default", "default-tl10": "default-tl10",
             "default-tl10-nopatience": "default-tl10", "default-tl10-res288": "default-tl10", "best": "default",
+            "best-ens3": "default",
             **{c: "default" for c in CANDIDATES if c.startswith("r3-")},
             **{c: "default" for c in ("default-avg3", "default-res288", "default-lite2-300", "default-balance-loss",
                                       "default-drop-issues")}}

@@ -203,7 +203,8 @@ class TrainConfig:
                            "and serve them as one artifact whose answer averages their logits (N times the training "
                            "and the serving compute). On ELPV 4-class, pairs of three recipes scored balanced accuracy "
                            "+1.5 ± 0.4 and macro-F1 +1.2 ± 0.6 points over their members alone on validation, pairs of "
-                           "the defaults +0.3 ± 0.8 and +0.9 ± 0.5; on its test split "
+                           "the defaults +0.3 ± 0.8 and +0.9 ± 0.5, and each model up to the fourth added more (the "
+                           "third +0.8 ± 0.1 macro-F1, the fourth +0.5 ± 0.4, the fifth nothing measurable); on its test split "
                            "--ensemble 2 scored accuracy +1.2 ± 0.7 and macro-F1 +0.9 ± 0.4 points over the defaults "
                            "(3 seeds, some 50-60 minutes on 2 cores; BENCHMARKS.md, pupil train --ensemble 2 on ELPV "
                            "4-class)")
