@@ -188,7 +188,8 @@ def run_one(task: str, candidate: str, seed: int, extra: list[str] | None = None
                     "error": f"{source} is missing: run the `default` candidate of this seed first"}
         table = out.parent / f"{out.name}-labels.csv"
         table.parent.mkdir(parents=True, exist_ok=True)
-        write_labels(table, subsample_labels(json.loads(source.read_text()), SUBSAMPLE[candidate], seed))
+        data, rows = real_files(data, subsample_labels(json.loads(source.read_text()), SUBSAMPLE[candidate], seed))
+        write_labels(table, rows)
         flags += ["--labels", str(table)]
     resume_at = interrupted_at(out)
     cmd = [sys.executable, "-m", "pupil", "train", str(data), "--seed", str(seed), "--out", str(out),
@@ -220,6 +221,15 @@ def subsample_labels(split: dict, fraction: float, seed: int) -> list[tuple[str,
         keep = max(1, round(fraction * len(paths)))
         rows += [(paths[i], label, "train") for i in sorted(rng.permutation(len(paths))[:keep])]
     return rows + [(path, path.split("/")[0], "val") for path in split["val"]]
+
+
+def real_files(data: Path, rows: list[tuple[str, str, str]]) -> tuple[Path, list[tuple[str, str, str]]]:
+    """The folder that really holds the rows' files, and their paths under it. A task folder of symlinks (ELPV's
+    point into the installed package) is read through them by a folder scan, but a labels table may name only files
+    inside DATA (training/table.py refuses a symlink out of it), so the table names the files themselves."""
+    real = [(data / path).resolve() for path, _, _ in rows]
+    top = Path(os.path.commonpath([str(r.parent) for r in real]))
+    return top, [(str(r.relative_to(top)), label, split) for r, (_, label, split) in zip(real, rows)]
 
 
 def write_labels(path: Path, rows: list[tuple[str, str, str]]) -> None:

@@ -579,11 +579,17 @@ def test_the_fidelity_table_pairs_each_figure_by_seed_and_ranks_the_candidates_m
 def test_a_subsampled_recipe_trains_on_a_fraction_of_the_defaults_training_images_and_the_same_validation(
         tmp_path, monkeypatch):
     """bench.recipe's r3-data80 kind: the seed's `default` run's validation images unchanged, a stratified 80 % of its
-    training images, through `pupil train DATA --labels` (the split a run records is what it trained on)."""
+    training images, through `pupil train DATA --labels` (the split a run records is what it trained on). The task
+    folder is symlinks to files elsewhere, as bench.quality's ELPV folders are."""
+    import os
+
     from bench import recipe
     from tests.conftest import TINY_FLAGS, make_shapes_folder
 
-    make_shapes_folder(tmp_path / "task" / "train", classes=("red", "blue", "green"), n=20)
+    real = make_shapes_folder(tmp_path / "real", classes=("red", "blue", "green"), n=20)
+    for f in real.rglob("*.png"):
+        (tmp_path / "task" / "train" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        os.symlink(f, tmp_path / "task" / "train" / f.parent.name / f.name)
     monkeypatch.setattr(recipe, "WORK", tmp_path / "work")
     monkeypatch.setattr(recipe, "task_folder", lambda task: tmp_path / "task")
     tiny = [*TINY_FLAGS, "--epochs", "1", "--patience", "0", "--stages", "finetune"]
