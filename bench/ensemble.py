@@ -6,10 +6,10 @@ it, whatever their recipe). Within each group, every pair of runs (and, with thr
 `--sizes 2,3,4`: every combination of each of those many) is an ensemble: the mean of its members' raw logits on
 their own validation images (each member decodes and crops them at its own input size, as bench.tta does), then
 today's post-hoc logit adjustment on top (tau chosen for macro-F1 from training.metrics.LOGIT_ADJUSTMENT_TAUS, the
-smaller on ties). So that the ensemble's tau and each single model's are
-chosen alike and never on the images they are scored on, every figure is cross-fitted: the validation images are
-halved (stratified, `--repeats` random halvings, the same halvings for every model of a group), tau chosen on one
-half and scored on the other, both ways round, and averaged (bench.posthoc's procedure for today's rule).
+smaller on ties). So that the ensemble's tau and each single model's are chosen alike and never on the images they
+are scored on, every figure is cross-fitted: the validation images are halved (stratified, `--repeats` random
+halvings, the same halvings for every model of a group), tau chosen on one half and scored on the other, both ways
+round, and averaged (bench.posthoc's procedure for today's rule).
 
 Per ensemble: its cross-fitted accuracy, balanced accuracy and macro-F1 minus the mean of its members' own (what
 the second model adds over a single model of the same recipes, the members weighted alike), and the same at tau 0
