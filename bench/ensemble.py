@@ -100,6 +100,13 @@ def judge_group(members: list[dict], repeats: int, seed: int = 0, sizes: Sequenc
     return out
 
 
+def _mean_se(d: list[float]) -> str:
+    """Differences in points over splits: mean ± its standard error (nan with one split)."""
+    a = np.array(d)
+    se = a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else float("nan")
+    return f"{a.mean():+.1f} ± {se:.1f}"
+
+
 def summary(groups: list[dict], repeats: int) -> str:
     """Per ensemble size: the gain over the members alone (and, on a second line, over the first run given alone),
     averaged within each group, then mean ± se over groups; then the cross-fitted figures themselves per size (1: the
@@ -116,41 +123,34 @@ def summary(groups: list[dict], repeats: int) -> str:
             per = [p for p in per if p]
             if not per:
                 continue
-            cells = []
-            for k in keys:
-                d = np.array([np.mean([gain[k] for gain in p]) for p in per])
-                se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-                cells.append(f"{k} {d.mean():+.1f} ± {se:.1f}")
+            cells = [f"{k} {_mean_se([np.mean([gain[k] for gain in p]) for p in per])}" for k in keys]
             lines.append(f"{name:8s} ({len(per)} splits)  " + "  ".join(cells))
+    # each split's figures averaged over its ensembles of each size (1: its runs alone), None where it has none
+    level: dict[int, list[dict | None]] = {}
+    for size in [1] + sorted({e["size"] for g in groups for e in g["ensembles"] if "figures" in e}):
+        level[size] = []
+        for g in groups:
+            figs = list(g.get("alone", [])) if size == 1 else [
+                e["figures"] for e in g["ensembles"] if e["size"] == size and "figures" in e]
+            level[size].append({k: float(np.mean([f[k] for f in figs])) for k in METRICS} if figs else None)
     lines.append("\nthe figures themselves (cross-fitted as above), averaged within each split over the ensembles of "
                  "that size (1: the runs alone), then mean ± sd over the splits")
-    for size in [1] + sorted({e["size"] for g in groups for e in g["ensembles"]}):
-        per = [list(g.get("alone", [])) if size == 1 else
-               [e["figures"] for e in g["ensembles"] if e["size"] == size and "figures" in e] for g in groups]
+    for size, per in level.items():
         per = [p for p in per if p]
         if not per:
             continue
         cells = []
         for k in METRICS:
-            d = np.array([np.mean([f[k] for f in p]) for p in per])
+            d = np.array([p[k] for p in per])
             cells.append(f"{k} {d.mean():.3f} ± {d.std(ddof=1) if len(d) > 1 else float('nan'):.3f}")
         lines.append(f"size {size} ({len(per)} splits)  " + "  ".join(cells))
-    sizes = sorted({e["size"] for g in groups for e in g["ensembles"] if "figures" in e})
+    sizes = [k for k in level if k > 1]
     if len(sizes) > 1:
         lines.append("\neach size minus the size below it (points; the figures above, paired by split, mean ± se)")
         for small, big in zip(sizes, sizes[1:]):
-            cells = []
-            for k in METRICS:
-                d = []
-                for g in groups:
-                    a = [e["figures"][k] for e in g["ensembles"] if e["size"] == big and "figures" in e]
-                    b = [e["figures"][k] for e in g["ensembles"] if e["size"] == small and "figures" in e]
-                    if a and b:
-                        d.append(100 * (np.mean(a) - np.mean(b)))
-                d = np.array(d)
-                se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-                cells.append(f"{k} {d.mean():+.1f} ± {se:.1f}")
-            lines.append(f"{big} minus {small} ({len(d)} splits)  " + "  ".join(cells))
+            pairs = [(b, a) for a, b in zip(level[small], level[big]) if a and b]
+            cells = [f"{k} {_mean_se([100 * (b[k] - a[k]) for b, a in pairs])}" for k in METRICS]
+            lines.append(f"{big} minus {small} ({len(pairs)} splits)  " + "  ".join(cells))
     return "\n".join(lines)
 
 

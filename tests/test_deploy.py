@@ -91,7 +91,6 @@ esac
     assert removed == [f"{name}:t2", f"{name}:t1"]
 
 
-
 def test_the_memory_of_a_process_tree_counts_a_child_between_fork_and_exec_once():
     """A child started by subprocess shows its parent's resident pages until it exec's (vfork shares the parent's
     memory): counted, a 1 GB server read as 2 GB the instant it started a decode worker, and a CI run failed on it.
